@@ -1,0 +1,12 @@
+rule aggregate:
+    """Every evaluation of every checkpoint into one typed Parquet table."""
+    input:
+        loss_eval_files(),
+    output:
+        out("runs.parquet"),
+    log:
+        out("logs", "aggregate.log"),
+    conda:
+        "../envs/fit.yaml"
+    shell:
+        "python -m workflow.aggregate --out {output} {input} > {log} 2>&1"

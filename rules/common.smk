@@ -1,0 +1,126 @@
+"""Shared pieces of the rules: config validation and the functions that map config to paths.
+
+Rules never build paths inline; they call the functions here, which read the run list that
+``workflow.runs`` derives from the validated config.
+"""
+
+import json
+import os
+
+from workflow.config import validate_config
+from workflow.runs import (
+    find_run,
+    format_multiplier,
+    model_shape,
+    results_path,
+    run_table,
+    trained_runs,
+)
+
+validate_config(config)
+
+
+wildcard_constraints:
+    dataset=r"[A-Za-z0-9_.\-]+",
+    size=r"[A-Za-z0-9_.\-]+",
+    multiplier=r"[0-9]+(\.[0-9]+)?",
+    split="train|val",
+    step=r"[0-9]{6}",
+
+
+RUN_DIR = "{dataset}/{size}/M{multiplier}"
+
+
+def out(*parts):
+    """A path under the configured results directory."""
+    return results_path(config, *parts)
+
+
+def as_json(payload):
+    """Params travel to the stage as one JSON argument (quoted with :q in the shell line)."""
+    return json.dumps(payload, sort_keys=True)
+
+
+def run_of(wildcards):
+    return find_run(config, wildcards.dataset, wildcards.size, wildcards.multiplier)
+
+
+def validation_sets():
+    return config["validation"]["sets"]
+
+
+def loss_eval_files():
+    """Every (run, checkpoint, validation set) loss JSON of the grid."""
+    return [
+        out("eval", run.key, f"step{step:06d}", f"loss-{valset}.json")
+        for run in trained_runs(config)
+        for step in run.checkpoint_steps
+        for valset in validation_sets()
+    ]
+
+
+def final_targets():
+    """What `snakemake` with no target builds: the predictions and what a reader looks at."""
+    return [out("predictions.parquet"), out("fits.parquet"), out("plots", "scaling.png")]
+
+
+def train_spec(run):
+    """Everything that determines a run's result; a change to it re-runs that run only."""
+    size = config["sizes"][run.size]
+    train = config["train"]
+    return {
+        "run": run.key,
+        "shape": model_shape(config, run.size),
+        "n_params": run.n_params,
+        "tokens": run.tokens,
+        "checkpoint_steps": list(run.checkpoint_steps),
+        **{
+            key: size[key]
+            for key in (
+                "batch_size",
+                "micro_batch_size",
+                "lr",
+                "warmup",
+                "weight_decay",
+                "min_lr",
+            )
+        },
+        **{
+            key: train[key]
+            for key in (
+                "z_loss",
+                "beta1",
+                "beta2",
+                "grad_clip",
+                "seed",
+                "device",
+                "log_every",
+                "resume_every",
+            )
+        },
+    }
+
+
+def checkpoint_identity(run, step):
+    """The columns that say which run and checkpoint an evaluation belongs to."""
+    return {
+        "dataset": run.dataset,
+        "size": run.size,
+        "N": run.n_params,
+        "M": run.multiplier,
+        "D": run.tokens,
+        "step": step,
+        "tokens": min(step * run.tokens_per_step, run.tokens),
+        "final": step == run.steps,
+    }
+
+
+def tokenizer_inputs(wildcards):
+    train_on = config["tokenizer"]["train_on"]
+    return [out("corpus", train_on, "train.jsonl")] if train_on else []
+
+
+def tokenizer_command(wildcards, input):
+    if config["tokenizer"]["train_on"]:
+        return f"train --corpus {input[0]}"
+    return f"pretrained --name {config['tokenizer']['pretrained']}"

@@ -1,0 +1,23 @@
+rule train:
+    """Train one model on exactly D = M x N tokens; resumes from RUN_DIR/work if interrupted."""
+    input:
+        tokens=out("tokens", "{dataset}", "train"),
+        tokenizer=rules.tokenizer.output,
+    output:
+        checkpoints=directory(out("runs", RUN_DIR, "checkpoints")),
+        curve=out("runs", RUN_DIR, "curve.parquet"),
+        summary=out("runs", RUN_DIR, "train.json"),
+    params:
+        spec=lambda wildcards: as_json(train_spec(run_of(wildcards))),
+        out_dir=lambda wildcards: out("runs", run_of(wildcards).key),
+    threads: config["train"]["threads"]
+    log:
+        out("logs", "train", RUN_DIR + ".log"),
+    benchmark:
+        out("benchmarks", "train", RUN_DIR + ".tsv")
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        "python -m workflow.train --spec {params.spec:q} --threads {threads}"
+        " --data {input.tokens} --tokenizer {input.tokenizer} --out-dir {params.out_dir}"
+        " >> {log} 2>&1"

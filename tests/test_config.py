@@ -1,0 +1,68 @@
+"""Config validation: a wrong key or type fails before any job, naming the key and the fix."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import snakemake
+
+from workflow.config import explain_schema_errors, validate_config
+from workflow.runs import ConfigError, count_parameters, ffn_hidden_size, trained_runs
+
+
+def test_default_and_tiny_configs_are_valid(default_config, tiny_config):
+    for config in (default_config, tiny_config):
+        validate_config(config)
+        assert config["train"]["checkpoints"] >= 1  # defaults were filled in
+
+
+def test_misspelt_key_names_the_key_and_the_allowed_keys(default_config):
+    default_config["sizes"]["xs"]["learning_rate"] = default_config["sizes"]["xs"].pop("lr")
+    message = explain_schema_errors(default_config)
+    assert "sizes.xs" in message
+    assert "learning_rate" in message
+    assert "'lr'" in message and "'warmup'" in message
+
+
+def test_wrong_type_and_enum_are_named(default_config):
+    default_config["sizes"]["s"]["n_layers"] = "four"
+    default_config["datasets"]["wiki_en"]["source"]["corpus"] = "wikipedia"
+    message = explain_schema_errors(default_config)
+    assert "sizes.s.n_layers" in message and "integer" in message
+    assert "datasets.wiki_en.source.corpus" in message and "docs_en" in message
+
+
+def test_snakemake_fails_before_any_job_with_the_key(tmp_path, default_config):
+    default_config["train"]["chekpoints"] = 3
+    result = snakemake("-n", config=default_config, workdir=tmp_path, check=False)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "chekpoints" in output and "checkpoints" in output
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda c: c["grid"]["docs_en"].update(huge=[20]), "grid.docs_en.huge: unknown size"),
+        (lambda c: c["sizes"]["xs"].update(n_heads=3), "divisible by n_heads"),
+        (lambda c: c["fit"]["loss"]["points"].update(xs=[40]), "fit.loss.points.xs"),
+        (lambda c: c["validation"]["sets"].append("nope"), "validation.sets"),
+    ],
+)
+def test_semantic_errors_name_the_key(default_config, edit, expected):
+    edit(default_config)
+    with pytest.raises(ConfigError, match=expected):
+        validate_config(default_config)
+
+
+def test_parameter_count_matches_the_paper():
+    """0.011B: d 96, 8 layers, vocab 50432 has 10,569,312 parameters; M = 20 gives 211,386,240."""
+    n_params = count_parameters(96, 8, 50432, ffn_hidden_size(96, 256))
+    assert n_params == 10_569_312
+    assert 20 * n_params == 211_386_240
+
+
+def test_every_run_trains_exactly_m_times_n_tokens(default_config):
+    for run in trained_runs(validate_config(default_config)):
+        assert run.tokens == round(run.multiplier * run.n_params)
+        assert (run.steps - 1) * run.tokens_per_step < run.tokens <= run.steps * run.tokens_per_step

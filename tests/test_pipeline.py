@@ -1,0 +1,101 @@
+"""The whole DAG for real on the tiny config: prepare -> tokenize -> train -> evaluate ->
+aggregate -> fit, then the two re-run guarantees (nothing to do; one size changed)."""
+
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+import pytest
+from conftest import snakemake
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One complete `snakemake --cores 2` of the tiny config, shared by the tests below."""
+    import copy
+
+    from conftest import load_config
+
+    workdir = tmp_path_factory.mktemp("pipeline")
+    config = copy.deepcopy(load_config("tests/configs/tiny.yaml"))
+    config["results_dir"] = "results"
+    snakemake("--cores", "2", config=config, workdir=workdir)
+    return workdir, config
+
+
+def planned_jobs(result) -> dict[str, int]:
+    """Job counts per rule from a dry run's summary table."""
+    table = re.search(r"Job stats:\n(.*?)\n\n", result.stdout, re.S)
+    if table is None:
+        return {}
+    counts = {}
+    for line in table.group(1).splitlines()[2:]:
+        name, count = line.split()
+        if name != "total":
+            counts[name] = int(count)
+    return counts
+
+
+def test_outputs_have_the_documented_schema(finished_run):
+    workdir, config = finished_run
+    results = workdir / "results"
+    runs = pd.read_parquet(results / "runs.parquet")
+    assert set(runs["metric"]) == {"loss"}
+    assert set(runs["eval"]) == set(config["validation"]["sets"])
+    assert runs["N"].dtype == "int64" and runs["D"].dtype == "int64"
+    assert (runs["ci_low"] <= runs["value"]).all() and (runs["value"] <= runs["ci_high"]).all()
+    n_runs = sum(len(ms) for sizes in config["grid"].values() for ms in sizes.values())
+    assert runs.loc[runs["final"], ["size", "M"]].drop_duplicates().shape[0] == n_runs
+
+    predictions = pd.read_parquet(results / "predictions.parquet")
+    assert {
+        "dataset",
+        "N",
+        "M",
+        "D",
+        "C",
+        "quantity",
+        "eval",
+        "role",
+        "predicted",
+        "actual",
+        "relative_error",
+        "ci_low",
+        "ci_high",
+        "form",
+    } <= set(predictions.columns)
+    assert predictions["C"].dtype == "float64"
+    untrained = predictions[predictions["size"] == "xl"]
+    assert len(untrained) and untrained["actual"].isna().all()
+    targets = predictions[(predictions["role"] == "target") & predictions["actual"].notna()]
+    assert len(targets)
+    assert (predictions["ci_low"] <= predictions["ci_high"]).all()
+
+    fits = pd.read_parquet(results / "fits.parquet")
+    paper = fits[(fits["form"] == "paper") & (fits["law"] == "loss")]
+    assert set(paper["param"]) == {"E", "a", "b", "eta"}
+    assert (results / "plots" / "scaling.png").stat().st_size > 10_000
+
+
+def test_second_run_finds_nothing_to_do(finished_run):
+    workdir, config = finished_run
+    result = snakemake("-n", config=config, workdir=workdir)
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_changing_one_size_reruns_only_its_runs(finished_run):
+    workdir, config = finished_run
+    changed = {**config, "sizes": {**config["sizes"]}}
+    changed["sizes"]["m"] = {**config["sizes"]["m"], "lr": config["sizes"]["m"]["lr"] * 0.5}
+    result = snakemake("-n", config=changed, workdir=workdir)
+    jobs = planned_jobs(result)
+    n_m_runs = len(config["grid"]["wiki_en"]["m"])
+    assert jobs.get("train") == n_m_runs
+    assert jobs.get("evaluate_loss") == n_m_runs * config["train"]["checkpoints"]
+    assert jobs.get("aggregate") == 1 and jobs.get("fit") == 1
+    assert re.findall(r"wiki_en/(\w+)/M", result.stdout) and all(
+        size == "m" for size in re.findall(r"runs/wiki_en/(\w+)/M[\d.]+/checkpoints", result.stdout)
+    )

@@ -1,0 +1,56 @@
+"""The aggregated results table (``runs.parquet``): one schema for every producer.
+
+Both our own evaluate stage and the ingest of the paper's released testbed write this
+table, so the fit stage cannot tell them apart. Columns are typed explicitly with pyarrow:
+pandas would otherwise infer object columns for all-null intervals or steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from workflow.atomic import atomic_path
+
+RUNS_SCHEMA = pa.schema(
+    [
+        pa.field("dataset", pa.string(), nullable=False),
+        pa.field("size", pa.string(), nullable=False),
+        pa.field("N", pa.int64(), nullable=False),
+        pa.field("M", pa.float64(), nullable=False),
+        pa.field("D", pa.int64(), nullable=False),
+        pa.field("step", pa.int64()),
+        pa.field("tokens", pa.int64(), nullable=False),
+        pa.field("final", pa.bool_(), nullable=False),
+        pa.field("metric", pa.string(), nullable=False),
+        pa.field("eval", pa.string(), nullable=False),
+        pa.field("value", pa.float64(), nullable=False),
+        pa.field("ci_low", pa.float64()),
+        pa.field("ci_high", pa.float64()),
+        pa.field("n_examples", pa.int64()),
+    ]
+)
+SORT_KEYS = ["dataset", "N", "M", "tokens", "metric", "eval"]
+
+
+def write_runs_table(records: Iterable[dict], path: str | Path) -> pd.DataFrame:
+    """Write records (dicts with RUNS_SCHEMA's keys) as runs.parquet, sorted, atomically."""
+    frame = pd.DataFrame.from_records(list(records), columns=RUNS_SCHEMA.names)
+    frame = frame.sort_values(SORT_KEYS, kind="stable").reset_index(drop=True)
+    table = pa.Table.from_pandas(frame, schema=RUNS_SCHEMA, preserve_index=False)
+    with atomic_path(path) as temporary:
+        pq.write_table(table, temporary)
+    return frame
+
+
+def read_runs_table(path: str | Path) -> pd.DataFrame:
+    """Read runs.parquet, checking it has the schema's columns."""
+    table = pq.read_table(path)
+    missing = set(RUNS_SCHEMA.names) - set(table.column_names)
+    if missing:
+        raise ValueError(f"{path} lacks columns {sorted(missing)}; expected {RUNS_SCHEMA.names}")
+    return table.to_pandas()
