@@ -15,6 +15,7 @@ from workflow.runs import (
     results_path,
     run_table,
     trained_runs,
+    untrained_targets,
 )
 
 validate_config(config)
@@ -124,3 +125,41 @@ def tokenizer_command(wildcards, input):
     if config["tokenizer"]["train_on"]:
         return f"train --corpus {input[0]}"
     return f"pretrained --name {config['tokenizer']['pretrained']}"
+
+
+def fit_loss_eval():
+    """The validation set whose loss the error law is fitted on (and the plot shows)."""
+    chosen = config["fit"]["error"].get("loss_eval")
+    if chosen:
+        return chosen
+    return "c4_val" if config["released_dir"] else validation_sets()[0]
+
+
+def fit_extra_targets():
+    """Runs to predict without training them (fit.predict); the released testbed has none."""
+    if config["released_dir"]:
+        return []
+    return [
+        {
+            "dataset": run.dataset,
+            "size": run.size,
+            "N": run.n_params,
+            "M": run.multiplier,
+            "D": run.tokens,
+        }
+        for run in untrained_targets(config)
+    ]
+
+
+def fit_settings():
+    """Everything the fit stage needs from config, as one JSON argument."""
+    fit = config["fit"]
+    return as_json(
+        {
+            "loss": {"points": fit["loss"]["points"], "starts": fit["loss"]["starts"]},
+            "error": {"points": fit["error"]["points"], "loss_eval": fit_loss_eval()},
+            "bootstrap": fit["bootstrap"],
+            "seed": fit["seed"],
+            "extra_targets": fit_extra_targets(),
+        }
+    )

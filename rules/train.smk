@@ -12,9 +12,9 @@ rule train:
         out_dir=lambda wildcards: out("runs", run_of(wildcards).key),
     threads: config["train"]["threads"]
     log:
-        out("logs", "train", RUN_DIR + ".log"),
+        out("logs", "train", "{dataset}", "{size}", "M{multiplier}.log"),
     benchmark:
-        out("benchmarks", "train", RUN_DIR + ".tsv")
+        out("benchmarks", "train", "{dataset}", "{size}", "M{multiplier}.tsv")
     conda:
         "../envs/torch.yaml"
     shell:

@@ -1,0 +1,128 @@
+"""The scaling laws, as pure functions of arrays and parameters.
+
+Gadre et al. (2024) write the loss in compute C = 6ND and token multiplier M = D/N,
+
+    L(C, M) = E + (a M^eta + b M^-eta) C^-eta,
+
+which is the Chinchilla form with one shared exponent (alpha = beta = 2 eta) rewritten so that
+over-training (M) is an explicit axis. Downstream top-1 error follows the loss,
+
+    Err(L) = epsilon - k exp(-gamma L),
+
+and the prediction chain is (N, M) -> predicted loss -> predicted error: the error law is
+applied to the *predicted* loss, never to a measured one, so a prediction needs no run.
+
+Every law is a function of its inputs and parameters only, so the fit stage, the plots and the
+tests share one definition; fitting lives in ``workflow.fit``. The Jacobians sit beside the laws
+because Levenberg-Marquardt on a few points is many times faster with them than with finite
+differences, and the bootstrap refits every law hundreds of times.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+LOSS_PARAMS = ("E", "a", "b", "eta")
+ERROR_PARAMS = ("epsilon", "k", "gamma")
+CHINCHILLA_PARAMS = ("E", "A", "B", "alpha", "beta")
+
+
+def compute(n_params: ArrayLike, tokens: ArrayLike) -> np.ndarray:
+    """Training FLOPs C = 6ND, in float64 (6ND overflows int64 beyond ~1e18)."""
+    return 6.0 * np.asarray(n_params, dtype=float) * np.asarray(tokens, dtype=float)
+
+
+def loss(
+    compute_flops: ArrayLike, multiplier: ArrayLike, E: float, a: float, b: float, eta: float
+) -> np.ndarray:
+    """L(C, M) = E + (a M^eta + b M^-eta) C^-eta, the paper's loss law."""
+    multiplier_eta = np.power(multiplier, eta, dtype=float)
+    compute_eta = np.power(compute_flops, -eta, dtype=float)
+    return E + (a * multiplier_eta + b / multiplier_eta) * compute_eta
+
+
+def loss_jacobian(
+    compute_flops: ArrayLike, multiplier: ArrayLike, E: float, a: float, b: float, eta: float
+) -> np.ndarray:
+    """d L(C, M) / d (E, a, b, eta): the last axis runs over the parameters."""
+    log_over = np.log(np.divide(multiplier, compute_flops, dtype=float))  # log M - log C
+    log_under = -np.log(np.multiply(multiplier, compute_flops, dtype=float))  # -log M - log C
+    over, under = np.exp(eta * log_over), np.exp(eta * log_under)  # M^eta C^-eta, M^-eta C^-eta
+    jacobian = np.empty((*np.broadcast(over, under).shape, 4))
+    jacobian[..., 0] = 1.0
+    jacobian[..., 1] = over
+    jacobian[..., 2] = under
+    jacobian[..., 3] = a * over * log_over + b * under * log_under
+    return jacobian
+
+
+def loss_from_params_tokens(
+    n_params: ArrayLike, tokens: ArrayLike, E: float, a: float, b: float, eta: float
+) -> np.ndarray:
+    """The same law in N and D: E + A N^-2eta + B D^-2eta with A = a 6^-eta, B = b 6^-eta.
+
+    Substituting N = sqrt(C / 6M) and D = sqrt(CM / 6) into L(C, M) gives this form; it is
+    written out separately so a test can check the algebra rather than trust it.
+    """
+    n_params = np.asarray(n_params, dtype=float)
+    tokens = np.asarray(tokens, dtype=float)
+    scale = 6.0**-eta
+    return E + a * scale * n_params ** (-2 * eta) + b * scale * tokens ** (-2 * eta)
+
+
+def optimal_multiplier(a: float, b: float, eta: float) -> float:
+    """M* = (b/a)^(1/(2 eta)): the multiplier that minimises L(C, M) at fixed compute."""
+    return (b / a) ** (1.0 / (2.0 * eta))
+
+
+def error(loss_value: ArrayLike, epsilon: float, k: float, gamma: float) -> np.ndarray:
+    """Err(L) = epsilon - k exp(-gamma L): average top-1 error as a function of loss."""
+    return epsilon - k * np.exp(-gamma * np.asarray(loss_value, dtype=float))
+
+
+def error_jacobian(loss_value: ArrayLike, epsilon: float, k: float, gamma: float) -> np.ndarray:
+    """d Err(L) / d (epsilon, k, gamma): the last axis runs over the parameters."""
+    loss_value = np.asarray(loss_value, dtype=float)
+    decay = np.exp(-gamma * loss_value)
+    return np.stack([np.ones_like(decay), -decay, k * loss_value * decay], axis=-1)
+
+
+def predict(
+    form: str,
+    n_params: ArrayLike,
+    tokens: ArrayLike,
+    loss_params: ArrayLike,
+    error_params: ArrayLike | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The chain (N, D) -> predicted loss -> predicted error (None without error_params).
+
+    ``form`` is 'paper' (L(C, M), parameters E, a, b, eta) or 'chinchilla' (parameters
+    E, A, B, alpha, beta); the error law is the same for both.
+    """
+    n_params = np.asarray(n_params, dtype=float)
+    tokens = np.asarray(tokens, dtype=float)
+    if form == "paper":
+        predicted_loss = loss(compute(n_params, tokens), tokens / n_params, *loss_params)
+    elif form == "chinchilla":
+        predicted_loss = chinchilla_loss(n_params, tokens, *loss_params)
+    else:
+        raise ValueError(f"unknown form {form!r}; allowed: 'paper', 'chinchilla'")
+    if error_params is None:
+        return predicted_loss, None
+    return predicted_loss, error(predicted_loss, *error_params)
+
+
+def chinchilla_loss(
+    n_params: ArrayLike,
+    tokens: ArrayLike,
+    E: float,
+    A: float,
+    B: float,
+    alpha: float,
+    beta: float,
+) -> np.ndarray:
+    """L(N, D) = E + A N^-alpha + B D^-beta (Hoffmann et al. 2022), exponents free."""
+    n_params = np.asarray(n_params, dtype=float)
+    tokens = np.asarray(tokens, dtype=float)
+    return E + A * n_params**-alpha + B * tokens**-beta

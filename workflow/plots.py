@@ -1,0 +1,319 @@
+"""Plot stage: the fitted laws against the runs, in the style of the paper's Figure 1.
+
+One column per training dataset. The top panel is reducible loss (L - E) against compute on
+log axes, where the law is a straight line per token multiplier M: one colour per M, solid
+where it interpolates its fit points and dashed where it extrapolates. Filled markers are fit
+points, open ones are targets (thin lines: the loss along training, where runs.parquet has
+checkpoints). Targets larger than every fit point carry the prediction with its 95% interval
+and both forms' relative errors. Below, one panel per task group: error against loss with the
+error law, each large target predicted from its predicted loss.
+
+``python -m workflow.plots --runs RUNS --predictions PRED --fits FITS --loss-eval NAME --out PNG``
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.colors import LogNorm
+from matplotlib.lines import Line2D
+from matplotlib.ticker import LogLocator, ScalarFormatter
+
+from workflow import laws
+from workflow.atomic import atomic_path
+from workflow.tables import read_runs_table
+
+MARKERS = "^sdpP*Xo"
+COLOURS = plt.get_cmap("plasma")
+
+
+class Style:
+    """What every panel shares: a colour per multiplier, a marker per size."""
+
+    def __init__(self, predictions: pd.DataFrame):
+        self.sizes = predictions.drop_duplicates("size").sort_values("N")["size"].tolist()
+        self.marker = {size: MARKERS[i % len(MARKERS)] for i, size in enumerate(self.sizes)}
+        self.multipliers = sorted(predictions["M"].unique())
+        self.norm = LogNorm(vmin=min(self.multipliers), vmax=max(self.multipliers))
+
+    def colour(self, multiplier):
+        return COLOURS(self.norm(multiplier))
+
+    def points(self, axis, rows: pd.DataFrame, x: str, y: pd.Series) -> None:
+        """Measured runs: filled with a black edge for fit points, open for targets."""
+        for (size, role), group in rows.groupby(["size", "role"]):
+            colours = self.colour(group["M"].to_numpy())
+            is_fit = role == "fit"
+            axis.scatter(
+                group[x],
+                y[group.index],
+                marker=self.marker[size],
+                s=55 if is_fit else 42,
+                c=colours if is_fit else "white",
+                edgecolors="black" if is_fit else colours,
+                linewidths=0.6 if is_fit else 1.3,
+                zorder=3,
+            )
+
+
+def _params(fits: pd.DataFrame, dataset: str, law: str, eval_name: str, names) -> list[float]:
+    rows = fits[(fits["dataset"] == dataset) & (fits["form"] == "paper") & (fits["law"] == law)]
+    values = rows[rows["eval"] == eval_name].set_index("param")["value"]
+    return [values[name] for name in names]
+
+
+def headline(predictions: pd.DataFrame) -> pd.DataFrame:
+    """(N, M) of the targets with more parameters than every fit point of the loss law: the
+    extrapolations the paper reports."""
+    loss = predictions[predictions["quantity"] == "loss"]
+    largest_fit = loss.loc[loss["role"] == "fit", "N"].max()
+    targets = loss.loc[(loss["role"] == "target") & (loss["N"] > largest_fit), ["N", "M"]]
+    return targets.drop_duplicates()
+
+
+def _percent(value: float) -> str:
+    return f"{value:.2%}" if np.isfinite(value) else "not trained"
+
+
+def _annotate(axis, rows: pd.DataFrame, targets: pd.DataFrame, x: str, y: str, corner) -> None:
+    """Label each headline target, and list both forms' relative errors in ``corner``
+    (axes coordinates of the box's lower edge and its horizontal alignment)."""
+    lines = ["relative error (paper / chinchilla)"]
+    for index, (_, target) in enumerate(targets.iterrows()):
+        name = f"{target['size']}, M={target['M']:g}"
+        axis.annotate(
+            name,
+            (target[x], target[y]),
+            xytext=(-7, 7 * (index % 3 - 1)),  # staggered: neighbouring targets sit close
+            textcoords="offset points",
+            ha="right",
+            va="center",
+            fontsize=7.5,
+        ).set_in_layout(False)
+        same = rows[(rows["N"] == target["N"]) & (rows["M"] == target["M"])]
+        errors = same.set_index("form")["relative_error"]
+        paper, chinchilla = (errors.get(form, np.nan) for form in ("paper", "chinchilla"))
+        lines.append(f"{name}: {_percent(paper)} / {_percent(chinchilla)}")
+    x_corner, align = corner
+    axis.text(
+        x_corner,
+        0.03,
+        "\n".join(lines),
+        transform=axis.transAxes,
+        fontsize=8,
+        ha=align,
+        va="bottom",
+        bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "lightgrey"},
+    )
+
+
+def _prediction(axis, x: float, y: float, low: float, high: float) -> None:
+    axis.errorbar(
+        x, y, yerr=[[y - low], [high - y]], fmt="o", ms=4, color="black", capsize=3, zorder=4
+    )
+
+
+def loss_panel(axis, runs, predictions, fits, dataset, loss_eval, style) -> None:
+    E, a, b, eta = _params(fits, dataset, "loss", loss_eval, laws.LOSS_PARAMS)
+    rows = predictions[(predictions["quantity"] == "loss") & (predictions["eval"] == loss_eval)]
+    paper = rows[rows["form"] == "paper"]
+    fit_points = paper[paper["role"] == "fit"]
+    right = paper["C"].max() * 3
+    for multiplier in style.multipliers:
+        lowest = paper.loc[paper["M"] == multiplier, "C"].min() / 2
+        if not np.isfinite(lowest):
+            continue
+        fitted = fit_points.loc[fit_points["M"] == multiplier, "C"].max()
+        split = fitted if np.isfinite(fitted) else lowest
+        for start, end, line in ((lowest, split, "-"), (split, right, "--")):
+            compute = np.geomspace(start, end, 40)
+            axis.plot(
+                compute,
+                laws.loss(compute, multiplier, E, a, b, eta) - E,
+                line,
+                color=style.colour(multiplier),
+                lw=1.1,
+                alpha=0.85,
+            )
+    curves = runs[(runs["metric"] == "loss") & (runs["eval"] == loss_eval)]
+    for (multiplier, _), checkpoints in curves.groupby(["M", "N"]):
+        if len(checkpoints) > 1:
+            checkpoints = checkpoints.sort_values("tokens")
+            compute = laws.compute(checkpoints["N"], checkpoints["tokens"])
+            axis.plot(
+                compute, checkpoints["value"] - E, color=style.colour(multiplier), lw=0.6, alpha=0.4
+            )
+    measured = paper[paper["actual"].notna()]
+    style.points(axis, measured, "C", measured["actual"] - E)
+    targets = paper.merge(headline(predictions)).assign(
+        shown=lambda frame: frame["actual"].fillna(frame["predicted"]) - E
+    )
+    for _, target in targets.iterrows():
+        _prediction(
+            axis, target["C"], target["predicted"] - E, target["ci_low"] - E, target["ci_high"] - E
+        )
+    _annotate(axis, rows, targets, "C", "shown", (0.03, "left"))
+    axis.set_xscale("log")
+    axis.set_yscale("log")
+    axis.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
+    axis.yaxis.set_major_formatter(ScalarFormatter())
+    axis.yaxis.set_minor_formatter(plt.NullFormatter())
+    axis.set_xlabel("compute C = 6ND (FLOPs)")
+    axis.set_ylabel(f"reducible loss L - E, {loss_eval} (nats)")
+    axis.set_title(f"{dataset}: loss", fontsize=11)
+    axis.text(
+        0.97,
+        0.97,
+        f"L = {E:.3f} + ({a:.0f} M^{eta:.3f} + {b:.0f} M^-{eta:.3f}) C^-{eta:.3f}\n"
+        f"compute-optimal M* = {laws.optimal_multiplier(a, b, eta):.1f}",
+        transform=axis.transAxes,
+        ha="right",
+        va="top",
+        fontsize=8,
+        bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"},
+    )
+    axis.grid(which="major", alpha=0.3)
+
+
+def error_panel(axis, predictions, fits, dataset, group, loss_eval, style) -> None:
+    epsilon, k, gamma = _params(fits, dataset, "error", group, laws.ERROR_PARAMS)
+    errors = predictions[(predictions["quantity"] == "error") & (predictions["eval"] == group)]
+    losses = predictions[(predictions["quantity"] == "loss") & (predictions["eval"] == loss_eval)]
+    paper = errors[errors["form"] == "paper"].merge(
+        losses[losses["form"] == "paper"][["N", "M", "actual", "predicted"]],
+        on=["N", "M"],
+        suffixes=("", "_loss"),
+    )
+    fitted = paper.loc[paper["role"] == "fit", "actual_loss"]
+    span = paper["actual_loss"].max() - paper["actual_loss"].min()
+    for start, end, line in (
+        (paper["actual_loss"].min() - 0.1 * span, fitted.min(), "--"),
+        (fitted.min(), fitted.max(), "-"),
+        (fitted.max(), paper["actual_loss"].max() + 0.05 * span, "--"),
+    ):
+        loss = np.linspace(start, end, 60)
+        axis.plot(loss, laws.error(loss, epsilon, k, gamma), line, color="grey", lw=1.5)
+    measured = paper[paper["actual"].notna()]
+    style.points(axis, measured, "actual_loss", measured["actual"])
+    targets = paper.merge(headline(predictions)).assign(
+        shown_loss=lambda frame: frame["actual_loss"].fillna(frame["predicted_loss"]),
+        shown=lambda frame: frame["actual"].fillna(frame["predicted"]),
+    )
+    for _, target in targets.iterrows():
+        _prediction(
+            axis, target["predicted_loss"], target["predicted"], target["ci_low"], target["ci_high"]
+        )
+    _annotate(axis, errors, targets, "shown_loss", "shown", (0.97, "right"))
+    axis.set_xlabel(f"loss, {loss_eval} (nats)")
+    axis.set_ylabel(f"top-1 error, mean over {group}")
+    axis.set_title(f"{dataset}: error ({group}) from loss", fontsize=11)
+    axis.text(
+        0.97,
+        0.97,
+        f"Err = {epsilon:.3f} - {k:.2f} exp(-{gamma:.3f} L)",
+        transform=axis.transAxes,
+        ha="right",
+        va="top",
+        fontsize=8,
+        bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"},
+    )
+    axis.grid(which="major", alpha=0.3)
+
+
+def _legend(figure, style: Style, columns: int) -> None:
+    handles = [
+        Line2D([], [], marker=style.marker[size], ls="", color="grey", label=f"N = {size}")
+        for size in style.sizes
+    ] + [
+        Line2D(
+            [],
+            [],
+            marker="o",
+            ls="",
+            markerfacecolor="grey",
+            markeredgecolor="black",
+            label="fit point",
+        ),
+        Line2D(
+            [],
+            [],
+            marker="o",
+            ls="",
+            markerfacecolor="white",
+            markeredgecolor="grey",
+            label="target, measured",
+        ),
+        Line2D([], [], marker="o", ls="", color="black", label="prediction, 95% interval"),
+        Line2D([], [], ls="-", color="grey", label="fitted law"),
+        Line2D([], [], ls="--", color="grey", label="extrapolated"),
+    ]
+    figure.legend(
+        handles=handles,
+        loc="outside lower center",
+        ncol=min(len(handles), 3 * columns),
+        fontsize=9,
+        frameon=False,
+    )
+
+
+def plot(
+    runs: pd.DataFrame, predictions: pd.DataFrame, fits: pd.DataFrame, loss_eval: str, out: str
+) -> None:
+    """Write the figure to ``out`` (PNG), atomically."""
+    style = Style(predictions)
+    datasets = sorted(predictions["dataset"].unique())
+    groups = sorted(predictions.loc[predictions["quantity"] == "error", "eval"].unique())
+    figure, axes = plt.subplots(
+        1 + len(groups),
+        len(datasets),
+        figsize=(max(8.0, 6 * len(datasets)), 4.8 * (1 + len(groups))),
+        squeeze=False,
+        layout="constrained",
+    )
+    for column, dataset in enumerate(datasets):
+        mine = predictions[predictions["dataset"] == dataset]
+        trained = runs[runs["dataset"] == dataset]
+        loss_panel(axes[0, column], trained, mine, fits, dataset, loss_eval, style)
+        for row, group in enumerate(groups, start=1):
+            error_panel(axes[row, column], mine, fits, dataset, group, loss_eval, style)
+    colourbar = figure.colorbar(
+        plt.cm.ScalarMappable(norm=style.norm, cmap=COLOURS), ax=axes, fraction=0.02, pad=0.01
+    )
+    colourbar.set_label("token multiplier M = D/N")
+    colourbar.set_ticks(style.multipliers, labels=[f"{m:g}" for m in style.multipliers])
+    colourbar.minorticks_off()
+    _legend(figure, style, len(datasets))
+    figure.suptitle(
+        "Fitted on small runs (filled), extrapolated to larger and over-trained ones (open);\n"
+        "relative errors of the paper's form and the Chinchilla form",
+        fontsize=11,
+    )
+    with atomic_path(out) as temporary:
+        figure.savefig(temporary, dpi=100, format="png")
+    plt.close(figure)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", required=True, help="runs.parquet")
+    parser.add_argument("--predictions", required=True, help="predictions.parquet")
+    parser.add_argument("--fits", required=True, help="fits.parquet")
+    parser.add_argument("--loss-eval", required=True, help="validation set whose loss to show")
+    parser.add_argument("--out", required=True, help="PNG to write")
+    args = parser.parse_args(argv)
+    predictions = pd.read_parquet(args.predictions)
+    fits = pd.read_parquet(args.fits)
+    plot(read_runs_table(args.runs), predictions, fits, args.loss_eval, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
