@@ -48,6 +48,7 @@ def synthetic_runs(points, noise: float = 0.0, seed: int = 0, errors: bool = Fal
 
 GRID = [(size, multiplier) for size in ("xs", "s", "m", "l") for multiplier in (10, 20, 80, 320)]
 PAPER_POINTS = {"xs": [20, 320], "s": [20], "m": [20], "l": [20]}
+FORMS = {"paper", "chinchilla"}
 
 
 def settings(**changes) -> fit.Settings:
@@ -176,9 +177,6 @@ def test_stage_writes_the_documented_tables(tmp_path):
         "chinchilla": ["E", "A", "B", "alpha", "beta"],
         "paper": ["E", "a", "b", "eta"],
     }
-
-
-FORMS = {"paper", "chinchilla"}
 
 
 def test_error_is_predicted_from_the_predicted_loss():
