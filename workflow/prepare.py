@@ -204,16 +204,16 @@ def _fill_buckets(documents: Iterable[str], bucket_dir: Path, counts: dict) -> N
         for document in documents:
             counts["read"] += 1
             text = document.strip()
+            n_bytes = len(text.encode("utf-8"))
+            progress.add(n_bytes)
             if not text:
                 counts["empty"] += 1
                 continue
             key = document_key(text)
-            n_bytes = len(text.encode("utf-8"))
             line = json.dumps({"text": text}, ensure_ascii=False)
             if key[:2] not in handles:
                 handles[key[:2]] = (bucket_dir / key[:2]).open("w", encoding="utf-8")
             handles[key[:2]].write(f"{key}\t{n_bytes}\t{line}\n")
-            progress.add(n_bytes)
     finally:
         for handle in handles.values():
             handle.close()
