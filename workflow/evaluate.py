@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 import workflow.model  # noqa: F401  (registers ScalingLM with the Auto classes)
 from workflow.atomic import write_json
 from workflow.shards import TokenShards
+from workflow.train import resolve_device
 
 
 def validation_sequences(shards: TokenShards, context_length: int, max_tokens: int) -> np.ndarray:
@@ -79,9 +80,7 @@ def evaluate_checkpoint(
     ``run`` carries the run's identity (dataset, size, N, M, D, step, tokens, final), so each
     JSON is one complete row of the aggregated table.
     """
-    torch_device = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else device.replace("auto", "cpu")
-    )
+    torch_device = resolve_device(device)
     model = AutoModelForCausalLM.from_pretrained(checkpoint).to(torch_device).eval()
     context_length = model.config.max_position_embeddings
     records = []
