@@ -66,3 +66,12 @@ def test_every_run_trains_exactly_m_times_n_tokens(default_config):
     for run in trained_runs(validate_config(default_config)):
         assert run.tokens == round(run.multiplier * run.n_params)
         assert (run.steps - 1) * run.tokens_per_step < run.tokens <= run.steps * run.tokens_per_step
+
+
+def test_released_preset_without_its_directory_names_released_dir(tmp_path):
+    from conftest import load_config
+
+    preset = load_config("presets/paper-released.yaml")
+    preset["released_dir"] = None
+    with pytest.raises(ConfigError, match="released_dir"):
+        validate_config(preset)

@@ -36,7 +36,10 @@ def _describe(error: jsonschema.ValidationError) -> str:
     if error.validator == "type":
         return f"{where}: {error.instance!r} has the wrong type; expected {error.validator_value}"
     if error.validator == "required":
-        return f"{where}: {error.message}"
+        hint = ""
+        if "then" in error.schema_path:  # required only when released_dir is not set
+            hint = " (or set released_dir, e.g. --config released_dir=PATH/TO/exp_data)"
+        return f"{where}: {error.message}{hint}"
     if error.validator == "oneOf" and error.context:
         deepest = max(error.context, key=lambda sub: len(sub.absolute_path))
         return (
