@@ -169,11 +169,19 @@ def loss_panel(axis, runs, predictions, fits, dataset, loss_eval, style) -> None
     axis.set_xlabel("compute C = 6ND (FLOPs)")
     axis.set_ylabel(f"reducible loss L - E, {loss_eval} (nats)")
     axis.set_title(f"{dataset}: loss", fontsize=11)
+    _formula_box(
+        axis,
+        f"L = {E:.3f} + ({a:.0f} M^{eta:.3f} + {b:.0f} M^-{eta:.3f}) C^-{eta:.3f}\n"
+        f"compute-optimal M* = {laws.optimal_multiplier(a, b, eta):.1f}",
+    )
+
+
+def _formula_box(axis, text: str) -> None:
+    """The fitted law, top right of a panel, over a light grid (both panels show one)."""
     axis.text(
         0.97,
         0.97,
-        f"L = {E:.3f} + ({a:.0f} M^{eta:.3f} + {b:.0f} M^-{eta:.3f}) C^-{eta:.3f}\n"
-        f"compute-optimal M* = {laws.optimal_multiplier(a, b, eta):.1f}",
+        text,
         transform=axis.transAxes,
         ha="right",
         va="top",
@@ -215,17 +223,7 @@ def error_panel(axis, predictions, fits, dataset, group, loss_eval, style) -> No
     axis.set_xlabel(f"loss, {loss_eval} (nats)")
     axis.set_ylabel(f"top-1 error, mean over {group}")
     axis.set_title(f"{dataset}: error ({group}) from loss", fontsize=11)
-    axis.text(
-        0.97,
-        0.97,
-        f"Err = {epsilon:.3f} - {k:.2f} exp(-{gamma:.3f} L)",
-        transform=axis.transAxes,
-        ha="right",
-        va="top",
-        fontsize=8,
-        bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"},
-    )
-    axis.grid(which="major", alpha=0.3)
+    _formula_box(axis, f"Err = {epsilon:.3f} - {k:.2f} exp(-{gamma:.3f} L)")
 
 
 def _legend(figure, style: Style, columns: int) -> None:
