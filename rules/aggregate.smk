@@ -1,5 +1,6 @@
 rule aggregate:
     """Every evaluation of every checkpoint into one typed Parquet table."""
+    localrule: True
     input:
         loss_eval_files(),
     output:

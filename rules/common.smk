@@ -8,6 +8,7 @@ import json
 import os
 
 from workflow.config import validate_config
+from workflow.resources import evaluate_resources, rule_resources, train_resources
 from workflow.runs import (
     find_run,
     format_multiplier,

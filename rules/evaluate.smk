@@ -12,6 +12,11 @@ rule evaluate_loss:
         max_tokens=config["validation"]["max_tokens"],
         bootstrap=config["validation"]["bootstrap"],
         device=config["train"]["device"],
+        # Not used by the command: recorded, so that a change to the run's training spec
+        # re-runs its evaluations even when the new training failed and left no outputs.
+        trained_with=lambda wildcards: as_json(train_spec(run_of(wildcards))),
+    resources:
+        **rule_resources(evaluate_resources, config, run_of),
     log:
         out("logs", "evaluate", RUN_DIR, "step{step}.log"),
     benchmark:

@@ -1,5 +1,6 @@
 rule fit:
     """Both forms of the loss law and the error law; every run predicted with a 95% interval."""
+    localrule: True
     input:
         out("runs.parquet"),
     output:
@@ -22,6 +23,7 @@ rule fit:
 
 rule plot:
     """Loss against compute per dataset, and error against loss, as in the paper's Figure 1."""
+    localrule: True
     input:
         runs=out("runs.parquet"),
         predictions=out("predictions.parquet"),

@@ -1,5 +1,6 @@
 rule ingest_released:
     """The paper's released testbed (exp_data) as runs.parquet, with the task groups it derives."""
+    localrule: True
     input:
         config["released_dir"],
     output:

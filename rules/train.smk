@@ -11,6 +11,8 @@ rule train:
         spec=lambda wildcards: as_json(train_spec(run_of(wildcards))),
         out_dir=lambda wildcards: out("runs", run_of(wildcards).key),
     threads: config["train"]["threads"]
+    resources:
+        **rule_resources(train_resources, config, run_of),
     log:
         out("logs", "train", "{dataset}", "{size}", "M{multiplier}.log"),
     benchmark:

@@ -19,10 +19,8 @@ def load_config(name: str = "config.yaml") -> dict:
     return yaml.safe_load((REPO / name).read_text())
 
 
-def snakemake(
-    *args: str, config: dict | None = None, workdir: Path, check: bool = True
-) -> subprocess.CompletedProcess:
-    """Run the real ``snakemake`` on this repository's Snakefile in ``workdir``.
+def snakemake_command(workdir: Path, *args: str, config: dict | None = None) -> list[str]:
+    """The real ``snakemake`` on this repository's Snakefile in ``workdir``, as a command line.
 
     ``config`` is written to ``workdir/config.yaml`` and given with --configfile, so a test
     owns its whole configuration and its .snakemake metadata.
@@ -39,8 +37,20 @@ def snakemake(
         config_file = workdir / "config.yaml"
         config_file.write_text(yaml.safe_dump(config, sort_keys=False))
         command += ["--configfile", str(config_file)]
-    environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    result = subprocess.run(command, capture_output=True, text=True, env=environment)
+    return command
+
+
+def snakemake_environment() -> dict[str, str]:
+    """This environment, with the test's Python first on PATH (the rules call ``python``)."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+
+def snakemake(
+    *args: str, config: dict | None = None, workdir: Path, check: bool = True
+) -> subprocess.CompletedProcess:
+    """Run ``snakemake_command`` to its end; fail with its output unless told not to check."""
+    command = snakemake_command(workdir, *args, config=config)
+    result = subprocess.run(command, capture_output=True, text=True, env=snakemake_environment())
     if check and result.returncode != 0:
         raise AssertionError(
             f"snakemake {' '.join(args)} failed ({result.returncode}):\n"

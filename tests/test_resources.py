@@ -1,0 +1,148 @@
+"""Cluster resources derived from a run: exact arithmetic, growth with size, retries, and the
+profile that sends them to Slurm."""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from conftest import REPO, load_config
+
+from workflow.config import validate_config
+from workflow.resources import (
+    BASE_MEMORY_MB,
+    RESOURCE_NAMES,
+    evaluate_resources,
+    rule_resources,
+    train_resources,
+)
+from workflow.runs import ConfigError, find_run, trained_runs
+
+GPU_RULES = ("train", "evaluate_loss")
+
+
+def validated(config: dict) -> dict:
+    return validate_config(copy.deepcopy(config))
+
+
+@pytest.fixture
+def config(tiny_config) -> dict:
+    return validated(tiny_config)
+
+
+def test_every_job_gets_whole_numbers_for_every_resource(config):
+    for run in trained_runs(config):
+        for derive in (train_resources, evaluate_resources):
+            resources = derive(config, run)
+            assert tuple(resources) == RESOURCE_NAMES
+            assert all(isinstance(value, int) for value in resources.values())
+            assert resources["runtime"] >= config["cluster"]["runtime_overhead"]
+            assert resources["mem_mb"] >= BASE_MEMORY_MB and resources["mem_mb"] % 1024 == 0
+            assert resources["gpu"] == 1
+
+
+def test_runtime_is_the_token_budget_over_the_measured_throughput(tiny_config):
+    tiny_config["cluster"] = {
+        "tokens_per_second": {"xs": 1000},
+        "runtime_margin": 1.5,
+        "runtime_overhead": 7,
+    }
+    config = validated(tiny_config)
+    run = find_run(config, "wiki_en", "xs", 20)
+    assert train_resources(config, run)["runtime"] == 7 + math.ceil(run.tokens * 1.5 / 60_000)
+    evaluated = config["validation"]["max_tokens"] * len(config["validation"]["sets"])
+    expected = 7 + math.ceil(evaluated * 1.5 / (3 * 60_000))
+    assert evaluate_resources(config, run)["runtime"] == expected
+
+
+def test_without_a_measurement_runtime_follows_compute_6nd(tiny_config):
+    tiny_config["cluster"] = {"flops_per_gpu": 1.0e6, "runtime_margin": 1, "runtime_overhead": 0}
+    config = validated(tiny_config)
+    for run in trained_runs(config):
+        assert train_resources(config, run)["runtime"] == math.ceil(run.compute / 6e7)
+    by_compute = sorted(trained_runs(config), key=lambda run: run.compute)
+    runtimes = [train_resources(config, run)["runtime"] for run in by_compute]
+    assert runtimes == sorted(runtimes) and runtimes[0] < runtimes[-1]
+
+
+def test_memory_grows_with_the_parameter_count(tiny_config):
+    tiny_config["sizes"]["big"] = {
+        **tiny_config["sizes"]["l"],
+        "d_model": 1024,
+        "n_layers": 12,
+        "n_heads": 16,
+    }
+    tiny_config["grid"]["wiki_en"]["big"] = [20]
+    config = validated(tiny_config)
+    small, big = find_run(config, "wiki_en", "xs", 20), find_run(config, "wiki_en", "big", 20)
+    for derive in (train_resources, evaluate_resources):
+        assert derive(config, big)["mem_mb"] > derive(config, small)["mem_mb"]
+    # training holds optimizer state on top of the weights evaluation loads
+    assert train_resources(config, big)["mem_mb"] > evaluate_resources(config, big)["mem_mb"]
+    assert train_resources(config, big)["mem_mb"] >= BASE_MEMORY_MB + 16 * big.n_params / 2**20
+
+
+def test_a_retry_asks_for_attempt_times_the_time_and_memory(config):
+    run = find_run(config, "wiki_en", "m", 20)
+    first, third = train_resources(config, run, 1), train_resources(config, run, 3)
+    assert third["runtime"] == 3 * first["runtime"] and third["mem_mb"] == 3 * first["mem_mb"]
+    assert third["gpu"] == first["gpu"]
+
+
+def test_training_on_cpu_asks_for_no_gpu(tiny_config):
+    tiny_config["train"]["device"] = "cpu"
+    config = validated(tiny_config)
+    run = find_run(config, "wiki_en", "s", 20)
+    assert train_resources(config, run)["gpu"] == 0
+    assert evaluate_resources(config, run)["gpu"] == 0
+
+
+def test_rule_resources_are_callables_of_the_jobs_wildcards_and_attempt(config):
+    def run_of(wildcards):
+        return find_run(config, wildcards.dataset, wildcards.size, wildcards.multiplier)
+
+    callables = rule_resources(train_resources, config, run_of)
+    assert tuple(callables) == RESOURCE_NAMES
+    run = find_run(config, "wiki_en", "l", 20)
+    wildcards = SimpleNamespace(**run.wildcards)
+    for attempt in (1, 2):
+        expected = train_resources(config, run, attempt)
+        assert {name: fn(wildcards, attempt) for name, fn in callables.items()} == expected
+
+
+def test_a_wrong_cluster_setting_names_its_key(tiny_config):
+    tiny_config["cluster"] = {"tokens_per_second": {"xs": "fast"}}
+    with pytest.raises(ConfigError, match=r"cluster\.tokens_per_second\.xs"):
+        validated(tiny_config)
+    tiny_config["cluster"] = {"flops_per_second": 1.0e14}
+    with pytest.raises(ConfigError, match="flops_per_gpu"):
+        validated(tiny_config)
+
+
+def test_the_profile_comments_every_key_and_routes_real_rules_to_the_gpu_partition():
+    text = (REPO / "slurm" / "config.yaml").read_text()
+    lines = text.splitlines()
+    for index, line in enumerate(lines):
+        if re.match(r"\s*[\w-]+:", line):
+            assert "#" in line or lines[index - 1].lstrip().startswith("#"), line
+    profile = yaml.safe_load(text)
+    assert profile["executor"] == "slurm"
+    rules = "\n".join(path.read_text() for path in (REPO / "rules").glob("*.smk"))
+    assert set(profile["set-resources"]) <= set(re.findall(r"^rule (\w+):", rules, re.M))
+    gpu_partitions = {profile["set-resources"][rule]["slurm_partition"] for rule in GPU_RULES}
+    assert len(gpu_partitions) == 1
+    assert gpu_partitions != {profile["default-resources"]["slurm_partition"]}
+
+
+def test_the_defaults_reach_a_config_without_a_cluster_section():
+    config = validated(load_config("tests/configs/tiny.yaml"))
+    assert set(config["cluster"]) == {
+        "flops_per_gpu",
+        "tokens_per_second",
+        "runtime_margin",
+        "runtime_overhead",
+    }
