@@ -10,6 +10,9 @@ rule train:
     params:
         spec=lambda wildcards: as_json(train_spec(run_of(wildcards))),
         out_dir=lambda wildcards: out("runs", run_of(wildcards).key),
+        engine=lambda wildcards: as_json(train_engine(run_of(wildcards))),
+        # One process per GPU of the job: plain python, or torchrun with DDP/FSDP.
+        launcher=lambda wildcards, resources: launch_command(resources.gpu),
     threads: config["train"]["threads"]
     resources:
         **rule_resources(train_resources, config, run_of),
@@ -20,6 +23,7 @@ rule train:
     conda:
         "../envs/torch.yaml"
     shell:
-        "python -m workflow.train --spec {params.spec:q} --threads {threads}"
+        "{params.launcher} -m workflow.train --spec {params.spec:q} --engine {params.engine:q}"
+        " --threads {threads}"
         " --data {input.tokens} --tokenizer {input.tokenizer} --out-dir {params.out_dir}"
         " >> {log} 2>&1"

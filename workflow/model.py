@@ -27,11 +27,13 @@ the tiny widths this project trains on a CPU.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -145,7 +147,13 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block; marks its residual projections for the depth-scaled init."""
+    """Pre-norm residual block; marks its residual projections for the depth-scaled init.
+
+    With ``checkpointed`` set, training keeps only the block's input and recomputes its
+    activations in the backward pass (about a third more compute for a block's worth of
+    memory). The checkpoint sits inside ``forward``, so hooks on the module (FSDP's unshard
+    and reshard) run once, outside it.
+    """
 
     def __init__(self, config: ScalingLMConfig):
         super().__init__()
@@ -153,10 +161,18 @@ class Block(nn.Module):
         self.attention = Attention(config)
         self.mlp_norm = nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=False)
         self.mlp = SwiGLU(config)
+        self.checkpointed = False
         for residual_projection in (self.attention.out, self.mlp.w3):
             residual_projection.depth_scale = 1 / math.sqrt(2 * config.n_layers)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.checkpointed and torch.is_grad_enabled():
+            return checkpoint(self.residual_update, x, cos, sin, use_reentrant=False)
+        return self.residual_update(x, cos, sin)
+
+    def residual_update(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), cos, sin)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -207,6 +223,22 @@ class ScalingLM(PreTrainedModel):
 
     def set_output_embeddings(self, projection: nn.Linear) -> None:
         self.lm_head = projection
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute every block's activations in the backward pass (a training setting only:
+        it is not part of the config and changes no result)."""
+        for block in self.blocks:
+            block.checkpointed = enabled
+
+    def compile_blocks(self, backend: str | Callable = "inductor") -> None:
+        """``torch.compile`` each block's computation, in place (regional compilation).
+
+        The blocks share one piece of code at one shape, so compiling costs about one block's
+        graph, not the whole model's; module hooks (FSDP) and the activation checkpoint stay
+        outside the compiled code, and parameter names do not change.
+        """
+        for block in self.blocks:
+            block.residual_update = torch.compile(block.residual_update, backend=backend)
 
     def final_hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         """What ``lm_head`` reads: the final LayerNorm's output, (batch, length, d_model).

@@ -6,11 +6,19 @@ norm gains and embeddings included, as open_lm does), linear warmup then cosine 
 ``z_loss * logsumexp(logits)^2`` added to the training objective (the logged loss is the plain
 cross-entropy). bf16 autocast on CUDA, fp32 on CPU.
 
+Under ``torchrun`` the run is data-parallel (``workflow.distributed``): every process reads a
+disjoint slice of each global batch, gradients are summed across processes, and only rank 0
+logs and writes files; the loss curve is the single-process one. Every ``log_every`` steps
+the log and the curve get step, tokens, loss, lr, tokens/s and MFU (``flops_per_token``
+against ``peak_tflops``); those are the only steps at which the host waits for the device.
+
 Token accounting is exact and needs no state: sequence ``i`` is stream ids
 ``[i*T, i*T + T + 1)`` (inputs, then the same window shifted by one as targets), sequences are
 consumed in order from the start of the stream, and the last sequence (and so the last batch)
 is cut short so that exactly D ids are predicted, each once. A step's data is therefore a pure
-function of the step number, which is what makes resuming exact.
+function of the step number (and the process's rank), which is what makes resuming exact: the
+resume state holds the weights, the optimizer's moments and step counts, the RNG states and the
+curve so far, and a resumed run computes bit for bit what the uninterrupted one would have.
 
 Layout of RUN_DIR while training: ``work/`` holds the checkpoints written so far and
 ``resume.pt``; ``checkpoints/``, ``curve.parquet`` and ``train.json`` (the Snakemake outputs)
@@ -34,10 +42,30 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
 from workflow.atomic import atomic_path, write_json
+from workflow.distributed import (
+    PARALLELISMS,
+    SINGLE_PROCESS,
+    Communication,
+    Processes,
+    any_process,
+    barrier,
+    communication,
+    gradient_sync,
+    processes_from_environment,
+    summed,
+    wrap,
+)
 from workflow.model import ScalingLM, build_model
 from workflow.shards import TokenShards
 
@@ -45,8 +73,13 @@ IGNORE_INDEX = -100
 # Rows of logits the fused output loss materialises at once: about 4 MB of fp32 logits stays in
 # a CPU's cache; on a GPU larger chunks only need to bound memory (V = 50k: 1,300 rows).
 LOSS_CHUNK_ELEMENTS = {"cpu": 2**20, "cuda": 2**26}
-# Keys that do not change what is computed: a run may resume under different values.
-SPEC_KEYS_NOT_HASHED = ("threads",)
+# How a run is computed, not what: speed and memory settings (``--engine``, default off / DDP).
+# A run may resume under other values: the resume state holds whole, unsharded tensors.
+ENGINE_KEYS = ("compile", "activation_checkpointing", "parallelism", "peak_tflops")
+SPEC_KEYS_NOT_HASHED = ("threads", *ENGINE_KEYS)
+# Dense bf16 peak TFLOP/s by GPU name (first match), for the MFU of the log when the spec
+# gives no peak_tflops.
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
 
 
 class TrainError(RuntimeError):
@@ -55,7 +88,11 @@ class TrainError(RuntimeError):
 
 @dataclass
 class Batch:
-    """One optimizer step's sequences; ``targets`` is IGNORE_INDEX past the run's last token."""
+    """This process's sequences of one optimizer step.
+
+    ``targets`` is IGNORE_INDEX past the run's last token; ``n_targets`` counts the targets of
+    the whole step, over all processes.
+    """
 
     inputs: torch.Tensor
     targets: torch.Tensor
@@ -67,21 +104,39 @@ class StepSettings:
     """What ``train_step`` needs besides the model, the optimizer and the batch."""
 
     micro_batch_size: int
-    z_loss: float
     grad_clip: float
     device: torch.device
+    world_size: int = 1
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
         return torch.bfloat16 if self.device.type == "cuda" else None
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The device a spec's ``device`` names; process ``local_rank`` of a node gets that GPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
         raise TrainError("spec device is 'cuda' but torch sees no GPU; use 'auto' or 'cpu'")
-    return torch.device(name)
+    device = torch.device("cuda", local_rank)
+    torch.cuda.set_device(device)
+    return device
+
+
+def peak_tflops(device: torch.device, configured: float | None) -> float | None:
+    """Peak FLOP/s of one device for the MFU: as configured, or known by the GPU's name."""
+    if configured or device.type != "cuda":
+        return configured
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
+
+
+def flops_per_token(shape: dict, n_params: int) -> int:
+    """Training FLOPs per token: 6N for the weights plus 12 L d T for attention's products."""
+    return 6 * n_params + 12 * shape["n_layers"] * shape["d_model"] * shape["context_length"]
 
 
 def spec_hash(spec: dict) -> str:
@@ -103,28 +158,42 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int, minimum: floa
 
 
 def read_batch(
-    shards: TokenShards, step_index: int, batch_size: int, context_length: int, tokens: int
+    shards: TokenShards,
+    step_index: int,
+    batch_size: int,
+    context_length: int,
+    tokens: int,
+    processes: Processes = SINGLE_PROCESS,
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Inputs and targets (both (sequences, T) int64) of 0-based step ``step_index``.
+    """This process's inputs and targets ((sequences, T) int64) of 0-based step ``step_index``,
+    and the step's target count over all processes.
 
-    The step predicts stream ids ``start+1 .. start+n`` with ``start = step_index*B*T``;
-    in a short last step the unused positions of the last sequence get input 0 and target
-    IGNORE_INDEX (causal attention keeps them from affecting the real positions).
+    The step predicts stream ids ``start+1 .. start+n`` with ``start = step_index*B*T``, as
+    B sequences of T; process r of W takes sequences ``[r*B/W, (r+1)*B/W)``, so the shares are
+    disjoint and together exactly the step. In a short last step the unused positions of the
+    last sequence get input 0 and target IGNORE_INDEX (causal attention keeps them from
+    affecting the real positions); a process left with no sequence gets one of those only,
+    which adds nothing to the gradient but lets it take part in the all-reduce.
     """
     tokens_per_step = batch_size * context_length
     start = step_index * tokens_per_step
     n_targets = min(tokens_per_step, tokens - start)
-    n_sequences = math.ceil(n_targets / context_length)
-    ids = shards.read(start, n_targets + 1)
+    share = tokens_per_step // processes.world_size
+    offset = processes.rank * share
+    n_local = max(0, min(share, n_targets - offset))
+    n_sequences = max(1, math.ceil(n_local / context_length))
     inputs = np.zeros(n_sequences * context_length, dtype=np.int64)
     targets = np.full(n_sequences * context_length, IGNORE_INDEX, dtype=np.int64)
-    inputs[:n_targets] = ids[:-1]
-    targets[:n_targets] = ids[1:]
+    if n_local:
+        ids = shards.read(start + offset, n_local + 1)
+        inputs[:n_local] = ids[:-1]
+        targets[:n_local] = ids[1:]
     shape = (n_sequences, context_length)
     return inputs.reshape(shape), targets.reshape(shape), n_targets
 
 
 def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on ``device``; to a GPU through pinned memory, without waiting for it."""
     tensor = torch.from_numpy(array)
     if device.type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)
@@ -198,42 +267,71 @@ def output_loss(
     return OutputLoss.apply(hidden, model.lm_head.weight, targets, z_loss, chunk_rows)
 
 
+class TrainingObjective(nn.Module):
+    """The model and its fused output loss behind one ``forward``, which is what gets wrapped.
+
+    DDP prepares its gradient all-reduce and FSDP gathers the parameters in a module's
+    ``forward``; the output loss reads the output layer's weight directly, so it has to run
+    inside that ``forward`` too. Returns ``OutputLoss``'s (objective, cross_entropy) sums.
+    """
+
+    def __init__(self, model: ScalingLM, z_loss: float):
+        super().__init__()
+        self.model = model
+        self.z_loss = z_loss
+
+    def forward(
+        self, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.model.final_hidden_states(inputs)
+        return output_loss(self.model, hidden, targets, self.z_loss)
+
+
 def train_step(
-    model: ScalingLM,
+    objective: nn.Module,
     optimizer: torch.optim.Optimizer,
     batch: Batch,
     lr: float,
     settings: StepSettings,
 ) -> torch.Tensor:
-    """One optimizer step on ``batch``; returns its mean cross-entropy as a 0-d tensor.
+    """One optimizer step on ``batch``; returns the sum of this process's cross-entropies.
 
-    Gradients of the micro-batches accumulate with each one's objective divided by the
-    step's target count, so the step minimises the mean over all its targets whatever the
-    micro-batching and however short the last batch. Nothing here waits for the device.
+    ``objective`` is a ``TrainingObjective``, wrapped for data parallelism or not. Gradients
+    of the micro-batches accumulate with each one's objective divided by the whole step's
+    target count, so the step minimises the mean over all its targets whatever the
+    micro-batching, the number of processes and however short the last batch; the factor
+    ``world_size`` undoes the averaging of the gradient all-reduce, which should be a sum.
+    Only the last micro-batch's backward all-reduces. Nothing here waits for the device.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
+    scale = settings.world_size / batch.n_targets
     cross_entropy_sum = torch.zeros((), device=settings.device)
-    for begin in range(0, len(batch.inputs), settings.micro_batch_size):
-        inputs = batch.inputs[begin : begin + settings.micro_batch_size]
-        targets = batch.targets[begin : begin + settings.micro_batch_size]
-        with torch.autocast(
-            settings.device.type,
-            dtype=settings.autocast_dtype,
-            enabled=settings.autocast_dtype is not None,
-        ):
-            hidden = model.final_hidden_states(inputs)
-            objective, cross_entropy = output_loss(model, hidden, targets, settings.z_loss)
-        (objective / batch.n_targets).backward()
+    n_sequences = len(batch.inputs)
+    for begin in range(0, n_sequences, settings.micro_batch_size):
+        end = begin + settings.micro_batch_size
+        with gradient_sync(objective, enabled=end >= n_sequences):
+            with torch.autocast(
+                settings.device.type,
+                dtype=settings.autocast_dtype,
+                enabled=settings.autocast_dtype is not None,
+            ):
+                objective_sum, cross_entropy = objective(
+                    batch.inputs[begin:end], batch.targets[begin:end]
+                )
+            (objective_sum * scale).backward()
         cross_entropy_sum += cross_entropy
-    torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip, foreach=True)
+    torch.nn.utils.clip_grad_norm_(objective.parameters(), settings.grad_clip, foreach=True)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return cross_entropy_sum / batch.n_targets
+    return cross_entropy_sum
 
 
-def make_optimizer(model: ScalingLM, spec: dict, device: torch.device) -> torch.optim.AdamW:
-    """PyTorch AdamW (decay scaled by the current lr) over all parameters, as open_lm."""
+def make_optimizer(model: nn.Module, spec: dict, device: torch.device) -> torch.optim.AdamW:
+    """PyTorch AdamW (decay scaled by the current lr) over all parameters, as open_lm.
+
+    Fused (one kernel for every parameter) on CUDA; on CPU the default foreach version.
+    """
     return torch.optim.AdamW(
         model.parameters(),
         lr=spec["lr"],
@@ -254,7 +352,7 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
 
 
-def check_run(spec: dict, shards: TokenShards, steps: int) -> None:
+def check_run(spec: dict, shards: TokenShards, steps: int, processes: Processes) -> None:
     """Refuse, before building anything, a run whose numbers do not add up."""
     run = spec["run"]
     if steps != spec["checkpoint_steps"][-1]:
@@ -276,6 +374,13 @@ def check_run(spec: dict, shards: TokenShards, steps: int) -> None:
             f"{shards.vocab_size}, larger than the model's vocab_size "
             f"{spec['shape']['vocab_size']}"
         )
+    if spec["batch_size"] % processes.world_size:
+        raise TrainError(
+            f"{run}: a batch of {spec['batch_size']} sequences does not split evenly over "
+            f"{processes.world_size} processes; use a batch size divisible by the GPU count"
+        )
+    if spec.get("parallelism", "ddp") not in PARALLELISMS:
+        raise TrainError(f"{run}: parallelism must be one of {PARALLELISMS}")
 
 
 def check_parameter_count(spec: dict, model: ScalingLM) -> None:
@@ -288,11 +393,49 @@ def check_parameter_count(spec: dict, model: ScalingLM) -> None:
         )
 
 
+@dataclass
+class Trainer:
+    """What a spec's steps run on: the model, the objective ``train_step`` calls (the model's
+    ``TrainingObjective``, wrapped for data parallelism), its optimizer and step settings."""
+
+    model: ScalingLM
+    objective: nn.Module
+    optimizer: torch.optim.Optimizer
+    settings: StepSettings
+
+
+def build_trainer(spec: dict, device: torch.device, processes: Processes) -> Trainer:
+    """The model (initialised from the global RNG), wrapped for ``processes``, and its optimizer.
+
+    The benchmark builds its trainer here too, so it times exactly the pipeline's step.
+    """
+    model = build_model(spec["shape"])
+    check_parameter_count(spec, model)
+    model.set_activation_checkpointing(spec.get("activation_checkpointing", False))
+    model.to(device)
+    if spec.get("compile"):
+        model.compile_blocks()
+    objective = wrap(
+        TrainingObjective(model, spec["z_loss"]),
+        model.blocks,
+        processes,
+        spec.get("parallelism", "ddp"),
+    )
+    settings = StepSettings(
+        micro_batch_size=spec.get("micro_batch_size") or spec["batch_size"] // processes.world_size,
+        grad_clip=spec["grad_clip"],
+        device=device,
+        world_size=processes.world_size,
+    )
+    return Trainer(model, objective, make_optimizer(objective, spec, device), settings)
+
+
 class StopSignals:
     """Inside the block, SIGTERM and SIGINT only record themselves in ``received``.
 
     The loop checks it between steps, saves a resume state and exits, instead of dying
-    mid-step; the previous handlers come back when the block ends.
+    mid-step; the previous handlers come back when the block ends. Under torchrun the
+    launcher passes a SIGTERM on to every process.
     """
 
     def __enter__(self) -> StopSignals:
@@ -311,6 +454,32 @@ class StopSignals:
         self.received = number
 
 
+# Whole (unsharded) tensors on the host, keyed by parameter name: a state saved by one
+# process loads into DDP or FSDP processes and back. Under FSDP only rank 0 gets them.
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+# The layout of resume.pt; a state of another layout (an older trainer's) is discarded.
+RESUME_FORMAT = 2
+
+
+def gathered_state(trainer: Trainer) -> tuple[dict, dict]:
+    """Weights and optimizer state of the model; every process must call it (FSDP gathers)."""
+    return get_state_dict(trainer.objective, trainer.optimizer, options=FULL_STATE)
+
+
+def restore_state(trainer: Trainer, state: dict) -> None:
+    set_state_dict(
+        trainer.objective,
+        trainer.optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optimizer"],
+        options=StateDictOptions(full_state_dict=True),
+    )
+    torch.set_rng_state(state["torch_rng"])
+    np.random.set_state(state["numpy_rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng"])
+
+
 def load_resume_state(
     path: Path, expected_hash: str, checkpoint_dir: Path, spec: dict
 ) -> dict | None:
@@ -318,6 +487,9 @@ def load_resume_state(
     if not path.exists():
         return None
     state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("format") != RESUME_FORMAT:
+        log(f"{spec['run']}: discarding a resume state written by another trainer ({path})")
+        return None
     if state["spec_hash"] != expected_hash:
         log(f"{spec['run']}: discarding the resume state of a different spec ({path})")
         return None
@@ -332,20 +504,115 @@ def load_resume_state(
     return state
 
 
-def save_checkpoint(directory: Path, model: ScalingLM, tokenizer: PreTrainedTokenizerBase) -> None:
-    with atomic_path(directory) as temporary:
-        model.save_pretrained(temporary)
-        tokenizer.save_pretrained(temporary)
+def save_checkpoint(
+    directory: Path, trainer: Trainer, tokenizer: PreTrainedTokenizerBase, processes: Processes
+) -> None:
+    """A ``save_pretrained`` checkpoint of the whole model, written by rank 0."""
+    weights = get_model_state_dict(trainer.objective, options=FULL_STATE)
+    if processes.is_main:
+        weights = {name.removeprefix("model."): tensor for name, tensor in weights.items()}
+        with atomic_path(directory) as temporary:
+            trainer.model.save_pretrained(temporary, state_dict=weights)
+            tokenizer.save_pretrained(temporary)
+
+
+class Progress:
+    """What the loop carries from step to step, saved in and restored from a resume state.
+
+    The curve's loss is the token-weighted mean over the steps since its previous row;
+    ``loss_sum`` adds up this process's cross-entropies on the device (no host sync per step)
+    and is summed over the processes only when a row is written or the state is saved.
+    """
+
+    def __init__(self, saved: dict | None, device: torch.device, processes: Processes):
+        saved = saved or {"step": 0, "curve": [], "elapsed_s": 0.0, "loss_sum": 0.0}
+        self.processes = processes
+        self.step: int = saved["step"]
+        self.curve: list[dict] = saved["curve"]
+        self.elapsed_before = saved["elapsed_s"]
+        # The saved sum is over all processes: rank 0 carries it on.
+        self.loss_sum = torch.tensor(saved["loss_sum"] if processes.is_main else 0.0, device=device)
+        self.started = self.timed_since = time.perf_counter()
+        self.timed_tokens = 0
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
+
+    def loss_tokens(self, tokens_per_step: int, tokens: int) -> int:
+        """Targets since the previous curve row: the loss sum's denominator."""
+        previous = self.curve[-1]["step"] if self.curve else 0
+        return min(self.step * tokens_per_step, tokens) - min(previous * tokens_per_step, tokens)
+
+    def saved(self) -> dict:
+        return {
+            "step": self.step,
+            "curve": self.curve,
+            "elapsed_s": self.elapsed(),
+            "loss_sum": summed(self.loss_sum, self.processes).item(),
+        }
+
+
+def curve_row(progress: Progress, spec: dict, lr: float, peak: float | None) -> dict:
+    """The training curve's row for the current step; resets the loss and throughput sums."""
+    tokens_per_step = spec["batch_size"] * spec["shape"]["context_length"]
+    tokens_seen = min(progress.step * tokens_per_step, spec["tokens"])
+    loss = summed(progress.loss_sum, progress.processes).item() / progress.loss_tokens(
+        tokens_per_step, spec["tokens"]
+    )
+    now = time.perf_counter()
+    tokens_per_second = progress.timed_tokens / (now - progress.timed_since)
+    flops_per_second = flops_per_token(spec["shape"], spec["n_params"]) * tokens_per_second
+    world_size = progress.processes.world_size
+    progress.loss_sum.zero_()
+    progress.timed_since, progress.timed_tokens = now, 0
+    return {
+        "step": progress.step,
+        "tokens": tokens_seen,
+        "loss": loss,
+        "lr": lr,
+        "tokens_per_s": tokens_per_second,
+        "mfu": flops_per_second / (peak * 1e12 * world_size) if peak else None,
+        "elapsed_s": progress.elapsed(),
+    }
+
+
+def format_row(row: dict, steps: int, tokens: int) -> str:
+    """A curve row as the job's log line."""
+    mfu = f" | MFU {row['mfu']:.1%}" if row["mfu"] is not None else ""
+    eta = (tokens - row["tokens"]) / row["tokens_per_s"]
+    return (
+        f"step {row['step']}/{steps} | tokens {row['tokens']:,}/{tokens:,} | "
+        f"loss {row['loss']:.4f} | lr {row['lr']:.2e} | {row['tokens_per_s']:,.0f} tok/s"
+        f"{mfu} | ETA {format_duration(eta)}"
+    )
 
 
 def train(spec: dict, data_dir: str | Path, tokenizer_dir: str | Path, out_dir: str | Path) -> dict:
-    """Run (or resume) the training described by ``spec``; return the summary it writes."""
-    run = spec["run"]
-    run_dir = Path(out_dir)
+    """Run (or resume) the training described by ``spec``; return the summary it writes.
+
+    Under torchrun every process calls this; they join each other here.
+    """
+    processes = processes_from_environment()
+    device = resolve_device(spec.get("device", "auto"), processes.local_rank)
+    with communication(processes, device) as comm:
+        return train_processes(
+            spec, Path(data_dir), Path(tokenizer_dir), Path(out_dir), device, comm
+        )
+
+
+def train_processes(
+    spec: dict,
+    data_dir: Path,
+    tokenizer_dir: Path,
+    run_dir: Path,
+    device: torch.device,
+    comm: Communication,
+) -> dict:
+    """``train`` once the processes have joined (``comm``); only rank 0 writes."""
+    run, processes = spec["run"], comm.processes
     work_dir = run_dir / "work"
     resume_path = work_dir / "resume.pt"
     checkpoint_dir = work_dir / "checkpoints"
-    device = resolve_device(spec.get("device", "auto"))
     threads = spec.get("threads") or 1
     if device.type == "cpu":
         torch.set_num_threads(threads)
@@ -353,145 +620,113 @@ def train(spec: dict, data_dir: str | Path, tokenizer_dir: str | Path, out_dir: 
         torch.backends.cuda.matmul.allow_tf32 = True
     transformers_logging.disable_progress_bar()
 
-    shape = spec["shape"]
-    context_length = shape["context_length"]
-    batch_size = spec["batch_size"]
-    tokens = spec["tokens"]
+    context_length = spec["shape"]["context_length"]
+    batch_size, tokens = spec["batch_size"], spec["tokens"]
     tokens_per_step = batch_size * context_length
     steps = math.ceil(tokens / tokens_per_step)
     shards = TokenShards(data_dir)
-    check_run(spec, shards, steps)
+    check_run(spec, shards, steps, processes)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
 
     torch.manual_seed(spec["seed"])
     np.random.seed(spec["seed"])
-    model = build_model(shape)
-    check_parameter_count(spec, model)
-    model.to(device)
-    optimizer = make_optimizer(model, spec, device)
-    settings = StepSettings(
-        micro_batch_size=spec.get("micro_batch_size") or batch_size,
-        z_loss=spec["z_loss"],
-        grad_clip=spec["grad_clip"],
-        device=device,
-    )
+    trainer = build_trainer(spec, device, processes)
+    peak = peak_tflops(device, spec.get("peak_tflops"))
 
-    # Everything the loop carries from step to step, restored as a whole when resuming.
-    # The curve's loss is the token-weighted mean over the steps since the previous row.
     identity = spec_hash(spec)
     state = load_resume_state(resume_path, identity, checkpoint_dir, spec)
+    barrier(processes)  # every process has read the state before rank 0 may remove it
     if state is None:
-        shutil.rmtree(work_dir, ignore_errors=True)
-        work_dir.mkdir(parents=True)
-        progress = {"step": 0, "curve": [], "elapsed_s": 0.0, "loss_sum": 0.0, "loss_tokens": 0}
+        if processes.is_main:
+            shutil.rmtree(work_dir, ignore_errors=True)
+            work_dir.mkdir(parents=True)
+        progress = Progress(None, device, processes)
     else:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        np.random.set_state(state["numpy_rng"])
-        progress = state["progress"]
-        log(f"{run}: resuming at step {progress['step']}/{steps} from {resume_path}")
-    log(
-        f"{run}: {spec['n_params']:,} parameters, {tokens:,} tokens in {steps} steps of "
-        f"{tokens_per_step:,} on {device} (threads={threads})"
-    )
-
-    step, curve = progress["step"], progress["curve"]
-    loss_sum = torch.tensor(progress["loss_sum"], device=device)
-    loss_tokens = progress["loss_tokens"]
-    session_started = time.perf_counter()
-    timed_since, timed_tokens = session_started, 0
-
-    def elapsed() -> float:
-        return progress["elapsed_s"] + time.perf_counter() - session_started
+        restore_state(trainer, state)
+        progress = Progress(state["progress"], device, processes)
+        if processes.is_main:
+            log(f"{run}: resuming at step {progress.step}/{steps} from {resume_path}")
+    if processes.is_main:
+        sharing = f" ({spec.get('parallelism', 'ddp')})" if processes.distributed else ""
+        log(
+            f"{run}: {spec['n_params']:,} parameters, {tokens:,} tokens in {steps} steps of "
+            f"{tokens_per_step:,} on {processes.world_size} x {device.type}{sharing} "
+            f"(threads={threads})"
+        )
 
     def save_resume_state() -> None:
-        state = {
+        weights, optimizer_state = gathered_state(trainer)
+        saved = {
+            "format": RESUME_FORMAT,
             "spec_hash": identity,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "model": weights,
+            "optimizer": optimizer_state,
             "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "numpy_rng": np.random.get_state(),
-            "progress": {
-                "step": step,
-                "curve": curve,
-                "elapsed_s": elapsed(),
-                "loss_sum": loss_sum.item(),
-                "loss_tokens": loss_tokens,
-            },
+            "progress": progress.saved(),
         }
-        with atomic_path(resume_path) as temporary:
-            torch.save(state, temporary)
+        if processes.is_main:
+            with atomic_path(resume_path) as temporary:
+                torch.save(saved, temporary)
 
-    model.train()
+    trainer.objective.train()
     with StopSignals() as stop:
-        while step < steps:
+        while progress.step < steps:
             inputs, targets, n_targets = read_batch(
-                shards, step, batch_size, context_length, tokens
+                shards, progress.step, batch_size, context_length, tokens, processes
             )
             batch = Batch(to_device(inputs, device), to_device(targets, device), n_targets)
-            lr = learning_rate(step + 1, steps, spec["lr"], spec["warmup"], spec["min_lr"])
-            loss = train_step(model, optimizer, batch, lr, settings)
-            step += 1
-            loss_sum += loss * n_targets
-            loss_tokens += n_targets
-            timed_tokens += n_targets
+            lr = learning_rate(progress.step + 1, steps, spec["lr"], spec["warmup"], spec["min_lr"])
+            progress.loss_sum += train_step(
+                trainer.objective, trainer.optimizer, batch, lr, trainer.settings
+            )
+            progress.step += 1
+            progress.timed_tokens += n_targets
+            step = progress.step
 
             if step % spec["log_every"] == 0 or step == steps:
-                mean_loss = loss_sum.item() / loss_tokens
-                now = time.perf_counter()
-                tokens_per_second = timed_tokens / (now - timed_since)
-                tokens_seen = min(step * tokens_per_step, tokens)
-                curve.append(
-                    {
-                        "step": step,
-                        "tokens": tokens_seen,
-                        "loss": mean_loss,
-                        "lr": lr,
-                        "tokens_per_s": tokens_per_second,
-                        "elapsed_s": elapsed(),
-                    }
-                )
-                log(
-                    f"step {step}/{steps} | tokens {tokens_seen:,}/{tokens:,} | "
-                    f"loss {mean_loss:.4f} | lr {lr:.2e} | {tokens_per_second:,.0f} tok/s | "
-                    f"ETA {format_duration((tokens - tokens_seen) / tokens_per_second)}"
-                )
-                loss_sum.zero_()
-                loss_tokens = 0
-                timed_since, timed_tokens = now, 0
+                row = curve_row(progress, spec, lr, peak)
+                progress.curve.append(row)
+                if processes.is_main:
+                    log(format_row(row, steps, tokens))
             if step in spec["checkpoint_steps"]:
-                save_checkpoint(checkpoint_dir / f"step{step:06d}", model, tokenizer)
-            if step < steps and (step % spec["resume_every"] == 0 or stop.received):
+                save_checkpoint(checkpoint_dir / f"step{step:06d}", trainer, tokenizer, processes)
+            stopping = step < steps and any_process(stop.received is not None, comm)
+            if step < steps and (step % spec["resume_every"] == 0 or stopping):
                 save_resume_state()
-            if step < steps and stop.received:
-                log(f"{run}: stopped by signal {stop.received} at step {step}; rerun to resume")
-                raise SystemExit(128 + stop.received)
+            if stopping:
+                number = stop.received or signal.SIGTERM
+                if processes.is_main:
+                    log(f"{run}: stopped by signal {number} at step {step}; rerun to resume")
+                raise SystemExit(128 + number)
 
-    wall_seconds = elapsed()
+    wall_seconds = progress.elapsed()
     summary = {
         "run": run,
         "n_params": spec["n_params"],
         "tokens": tokens,
         "steps": steps,
         "tokens_per_step": tokens_per_step,
-        "final_loss": curve[-1]["loss"],
+        "final_loss": progress.curve[-1]["loss"],
         "wall_s": wall_seconds,
         "tokens_per_s": tokens / wall_seconds,
-        "device": str(device),
+        "processes": processes.world_size,
+        "device": str(device.type),
         "threads": threads if device.type == "cpu" else None,
         "spec_hash": identity,
     }
-    with atomic_path(run_dir / "checkpoints") as temporary:
-        os.replace(checkpoint_dir, temporary)
-    with atomic_path(run_dir / "curve.parquet") as temporary:
-        pd.DataFrame(curve).to_parquet(temporary, index=False)
-    write_json(run_dir / "train.json", summary)
-    shutil.rmtree(work_dir)
-    log(
-        f"{run}: done, final loss {summary['final_loss']:.4f}, "
-        f"{summary['tokens_per_s']:,.0f} tokens/s over {format_duration(wall_seconds)}"
-    )
+    if processes.is_main:
+        with atomic_path(run_dir / "checkpoints") as temporary:
+            os.replace(checkpoint_dir, temporary)
+        with atomic_path(run_dir / "curve.parquet") as temporary:
+            pd.DataFrame(progress.curve).to_parquet(temporary, index=False)
+        write_json(run_dir / "train.json", summary)
+        shutil.rmtree(work_dir)
+        log(
+            f"{run}: done, final loss {summary['final_loss']:.4f}, "
+            f"{summary['tokens_per_s']:,.0f} tokens/s over {format_duration(wall_seconds)}"
+        )
     return summary
 
 
@@ -502,8 +737,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokenizer", required=True, help="tokenizer directory")
     parser.add_argument("--out-dir", required=True, help="the run's directory (RUN_DIR)")
     parser.add_argument("--threads", type=int, help="CPU threads (overrides the spec's)")
+    parser.add_argument(
+        "--engine",
+        default="{}",
+        help=f"JSON object of speed and memory settings that leave the result alone: "
+        f"{', '.join(ENGINE_KEYS)}",
+    )
     args = parser.parse_args(argv)
     spec = json.loads(args.spec)
+    engine = json.loads(args.engine)
+    unknown = set(engine) - set(ENGINE_KEYS)
+    if unknown:
+        parser.error(f"unknown --engine keys {sorted(unknown)}; known: {', '.join(ENGINE_KEYS)}")
+    spec.update(engine)
     if args.threads is not None:
         spec["threads"] = args.threads
     try:
