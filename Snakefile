@@ -34,6 +34,7 @@ else:
     include: "rules/tokenize.smk"
     include: "rules/train.smk"
     include: "rules/evaluate.smk"
+    include: "rules/downstream.smk"
     include: "rules/aggregate.smk"
 
 

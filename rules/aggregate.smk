@@ -2,7 +2,8 @@ rule aggregate:
     """Every evaluation of every checkpoint into one typed Parquet table."""
     localrule: True
     input:
-        loss_eval_files(),
+        losses=loss_eval_files(),
+        downstream=downstream_eval_files(),
     output:
         out("runs.parquet"),
     log:
@@ -10,4 +11,5 @@ rule aggregate:
     conda:
         "../envs/fit.yaml"
     shell:
-        "python -m workflow.aggregate --out {output} {input} > {log} 2>&1"
+        "python -m workflow.aggregate --out {output} {input.losses}"
+        " --downstream {input.downstream} > {log} 2>&1"

@@ -1,8 +1,10 @@
-"""The whole DAG for real on the tiny config: prepare -> tokenize -> train -> evaluate ->
-aggregate -> fit, then the two re-run guarantees (nothing to do; one size changed)."""
+"""The whole DAG for real on the tiny config: prepare -> tokenize -> train -> evaluate (loss,
+and downstream through lm-eval) -> aggregate -> fit, then the two re-run guarantees (nothing
+to do; one size changed)."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pandas as pd
@@ -43,12 +45,19 @@ def test_outputs_have_the_documented_schema(finished_run):
     workdir, config = finished_run
     results = workdir / "results"
     runs = pd.read_parquet(results / "runs.parquet")
-    assert set(runs["metric"]) == {"loss"}
-    assert set(runs["eval"]) == set(config["validation"]["sets"])
+    assert set(runs["metric"]) == {"loss", "accuracy", "error"}
+    evals = runs.groupby("metric")["eval"].agg(set)
+    assert evals["loss"] == set(config["validation"]["sets"])
+    assert evals["accuracy"] == set(config["downstream"]["tasks"])
+    assert evals["error"] == {"offline"}
     assert runs["N"].dtype == "int64" and runs["D"].dtype == "int64"
     assert (runs["ci_low"] <= runs["value"]).all() and (runs["value"] <= runs["ci_high"]).all()
     n_runs = sum(len(ms) for sizes in config["grid"].values() for ms in sizes.values())
     assert runs.loc[runs["final"], ["size", "M"]].drop_duplicates().shape[0] == n_runs
+    downstream = runs[runs["metric"] != "loss"]
+    assert downstream["final"].all() and len(downstream) == n_runs * 4  # 3 tasks + average
+    assert downstream["value"].between(0, 1).all()
+    assert (downstream[downstream["metric"] == "accuracy"]["n_examples"] == 100).all()
 
     predictions = pd.read_parquet(results / "predictions.parquet")
     assert {
@@ -73,6 +82,16 @@ def test_outputs_have_the_documented_schema(finished_run):
     targets = predictions[(predictions["role"] == "target") & predictions["actual"].notna()]
     assert len(targets)
     assert (predictions["ci_low"] <= predictions["ci_high"]).all()
+    # The error law on our own runs: every target's error predicted from its predicted loss.
+    errors = targets[targets["quantity"] == "error"]
+    assert set(errors["eval"]) == {"offline"} and set(errors["form"]) == {"paper", "chinchilla"}
+    assert errors["relative_error"].notna().all() and errors["ci_low"].notna().all()
+    step = runs.loc[runs["final"] & (runs["size"] == "xs") & (runs["M"] == 20), "step"].iloc[0]
+    checkpoint = results / "eval" / "wiki_en" / "xs" / "M20" / f"step{step:06d}"
+    lm_eval_results = json.loads((checkpoint / "lm-eval-offline.json").read_text())
+    assert set(lm_eval_results["0"]["results"]) == set(config["downstream"]["tasks"])
+    summary = json.loads((checkpoint / "downstream-offline.json").read_text())
+    assert summary["tasks"]["last_word"]["metric"] == "acc_mutual_info"
 
     fits = pd.read_parquet(results / "fits.parquet")
     paper = fits[(fits["form"] == "paper") & (fits["law"] == "loss")]
@@ -95,6 +114,8 @@ def test_changing_one_size_reruns_only_its_runs(finished_run):
     n_m_runs = len(config["grid"]["wiki_en"]["m"])
     assert jobs.get("train") == n_m_runs
     assert jobs.get("evaluate_loss") == n_m_runs * config["train"]["checkpoints"]
+    assert jobs.get("evaluate_downstream") == n_m_runs  # downstream.checkpoints: final
+    assert "build_suite" not in jobs
     assert jobs.get("aggregate") == 1 and jobs.get("fit") == 1
     assert re.findall(r"wiki_en/(\w+)/M", result.stdout) and all(
         size == "m" for size in re.findall(r"runs/wiki_en/(\w+)/M[\d.]+/checkpoints", result.stdout)

@@ -1,4 +1,8 @@
-"""Aggregate stage: every per-checkpoint evaluation JSON into one typed Parquet table."""
+"""Aggregate stage: every per-checkpoint evaluation into one typed Parquet table.
+
+Loss evaluations are one row each; a downstream summary gives one accuracy row per task and
+the suite's average-error row, named after the suite (see ``workflow.downstream``).
+"""
 
 from __future__ import annotations
 
@@ -12,25 +16,64 @@ import pandas as pd
 from workflow.tables import RUNS_SCHEMA, write_runs_table
 
 
-def aggregate(evaluation_files: Sequence[str | Path], out: str | Path) -> pd.DataFrame:
-    """Read the evaluation JSONs (each one row of RUNS_SCHEMA) and write runs.parquet."""
-    records = []
-    for path in evaluation_files:
-        record = json.loads(Path(path).read_text())
-        missing = set(RUNS_SCHEMA.names) - set(record)
-        if missing:
-            raise ValueError(f"{path} lacks keys {sorted(missing)} of the runs table")
-        records.append({name: record[name] for name in RUNS_SCHEMA.names})
+def _checked(record: dict, path: str | Path) -> dict:
+    missing = set(RUNS_SCHEMA.names) - set(record)
+    if missing:
+        raise ValueError(f"{path} lacks keys {sorted(missing)} of the runs table")
+    return {name: record[name] for name in RUNS_SCHEMA.names}
+
+
+def summary_rows(summary: dict) -> list[dict]:
+    """The rows of a downstream summary: one accuracy per task, the suite's average error."""
+    rows = [
+        {
+            **summary["run"],
+            "metric": "accuracy",
+            "eval": name,
+            "value": task["accuracy"],
+            "ci_low": task["interval"][0],
+            "ci_high": task["interval"][1],
+            "n_examples": task["n_examples"],
+        }
+        for name, task in summary["tasks"].items()
+    ]
+    low, high = summary["average_error_interval"]
+    rows.append(
+        {
+            **summary["run"],
+            "metric": "error",
+            "eval": summary["suite"],
+            "value": summary["average_error"],
+            "ci_low": low,
+            "ci_high": high,
+            "n_examples": sum(task["n_examples"] for task in summary["tasks"].values()),
+        }
+    )
+    return rows
+
+
+def aggregate(
+    evaluation_files: Sequence[str | Path],
+    out: str | Path,
+    downstream_files: Sequence[str | Path] = (),
+) -> pd.DataFrame:
+    """Read the loss JSONs (each one row of RUNS_SCHEMA) and the downstream summaries, and
+    write runs.parquet."""
+    records = [_checked(json.loads(Path(path).read_text()), path) for path in evaluation_files]
+    for path in downstream_files:
+        records += [_checked(row, path) for row in summary_rows(json.loads(Path(path).read_text()))]
     return write_runs_table(records, out)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="runs.parquet to write")
-    parser.add_argument("evaluations", nargs="+", help="evaluation JSON files")
+    parser.add_argument("--downstream", nargs="*", default=[], help="downstream summary JSON files")
+    parser.add_argument("evaluations", nargs="+", help="loss evaluation JSON files")
     args = parser.parse_args(argv)
-    frame = aggregate(args.evaluations, args.out)
-    print(f"wrote {len(frame)} rows from {len(args.evaluations)} files to {args.out}")
+    frame = aggregate(args.evaluations, args.out, args.downstream)
+    files = len(args.evaluations) + len(args.downstream)
+    print(f"wrote {len(frame)} rows from {files} files to {args.out}")
 
 
 if __name__ == "__main__":
