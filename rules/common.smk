@@ -8,7 +8,14 @@ import json
 import os
 
 from workflow.config import validate_config
-from workflow.resources import evaluate_resources, rule_resources, train_resources
+from workflow.distributed import launch_command
+from workflow.fit import error_loss_eval, settings_payload
+from workflow.resources import (
+    downstream_resources,
+    evaluate_resources,
+    rule_resources,
+    train_resources,
+)
 from workflow.runs import (
     find_run,
     format_multiplier,
@@ -16,7 +23,6 @@ from workflow.runs import (
     results_path,
     run_table,
     trained_runs,
-    untrained_targets,
 )
 
 validate_config(config)
@@ -27,7 +33,7 @@ wildcard_constraints:
     size=r"[A-Za-z0-9_.\-]+",
     multiplier=r"[0-9]+(\.[0-9]+)?",
     split="train|val",
-    step=r"[0-9]{6}",
+    step=r"[0-9]{6}[0-9]*",  # zero-padded to six digits; paper-scale runs take millions of steps
 
 
 RUN_DIR = "{dataset}/{size}/M{multiplier}"
@@ -58,6 +64,57 @@ def loss_eval_files():
         for run in trained_runs(config)
         for step in run.checkpoint_steps
         for valset in validation_sets()
+    ]
+
+
+def suite_name():
+    """The downstream suite (config downstream.suite); 'none' runs no downstream evaluation."""
+    return config["downstream"]["suite"]
+
+
+def suite_dir():
+    """The suite's task files and manifest (rule build_suite)."""
+    return out("suites", suite_name())
+
+
+def hf_home():
+    """lm-eval's dataset cache, inside the results (the paper suite's downloads land here)."""
+    return out("hf_home")
+
+
+def suite_sources():
+    """Dataset -> held-out documents the offline suite's tasks are built from."""
+    if suite_name() != "offline":
+        return {}
+    return {
+        task["source"]: out("corpus", task["source"], "val.jsonl")
+        for task in config["downstream"]["tasks"].values()
+    }
+
+
+def suite_settings():
+    """Everything the build_suite stage needs from config, as one JSON argument."""
+    downstream = config["downstream"]
+    return as_json(
+        {
+            "suite": suite_name(),
+            "tasks": downstream["tasks"],
+            "sources": suite_sources(),
+            "examples": downstream["examples"],
+            "seed": downstream["seed"],
+        }
+    )
+
+
+def downstream_eval_files():
+    """Every (run, checkpoint) downstream summary of the grid; none without a suite."""
+    if suite_name() == "none":
+        return []
+    every = config["downstream"]["checkpoints"] == "all"
+    return [
+        out("eval", run.key, f"step{step:06d}", f"downstream-{suite_name()}.json")
+        for run in trained_runs(config)
+        for step in (run.checkpoint_steps if every else [run.steps])
     ]
 
 
@@ -103,6 +160,18 @@ def train_spec(run):
     }
 
 
+def train_engine(run):
+    """How a run is computed (speed and memory), apart from train_spec, which holds what
+    determines its result; a killed run resumes under other values of these."""
+    size = config["sizes"][run.size]
+    return {
+        "activation_checkpointing": size["activation_checkpointing"],
+        "parallelism": size["parallelism"],
+        "compile": config["train"]["compile"],
+        "peak_tflops": config["train"]["peak_tflops"],
+    }
+
+
 def checkpoint_identity(run, step):
     """The columns that say which run and checkpoint an evaluation belongs to."""
     return {
@@ -128,39 +197,6 @@ def tokenizer_command(wildcards, input):
     return f"pretrained --name {config['tokenizer']['pretrained']}"
 
 
-def fit_loss_eval():
-    """The validation set whose loss the error law is fitted on (and the plot shows)."""
-    chosen = config["fit"]["error"].get("loss_eval")
-    if chosen:
-        return chosen
-    return "c4_val" if config["released_dir"] else validation_sets()[0]
-
-
-def fit_extra_targets():
-    """Runs to predict without training them (fit.predict); the released testbed has none."""
-    if config["released_dir"]:
-        return []
-    return [
-        {
-            "dataset": run.dataset,
-            "size": run.size,
-            "N": run.n_params,
-            "M": run.multiplier,
-            "D": run.tokens,
-        }
-        for run in untrained_targets(config)
-    ]
-
-
 def fit_settings():
     """Everything the fit stage needs from config, as one JSON argument."""
-    fit = config["fit"]
-    return as_json(
-        {
-            "loss": {"points": fit["loss"]["points"], "starts": fit["loss"]["starts"]},
-            "error": {"points": fit["error"]["points"], "loss_eval": fit_loss_eval()},
-            "bootstrap": fit["bootstrap"],
-            "seed": fit["seed"],
-            "extra_targets": fit_extra_targets(),
-        }
-    )
+    return as_json(settings_payload(config))

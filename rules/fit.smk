@@ -35,7 +35,7 @@ rule plot:
             category="Scaling laws",
         ),
     params:
-        loss_eval=fit_loss_eval(),
+        loss_eval=error_loss_eval(config),
     log:
         out("logs", "plot.log"),
     benchmark:

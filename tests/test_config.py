@@ -31,6 +31,29 @@ def test_wrong_type_and_enum_are_named(default_config):
     assert "datasets.wiki_en.source.corpus" in message and "docs_en" in message
 
 
+@pytest.mark.parametrize(
+    ("source", "filled"),
+    [
+        ({"kind": "files", "paths": ["docs/*.txt"]}, {"text_field": "text"}),
+        (
+            {"kind": "hub", "path": "allenai/c4", "name": "en"},
+            {"split": "train", "text_field": "text", "max_documents": None, "data_files": None},
+        ),
+    ],
+)
+def test_each_source_kind_gets_only_its_own_defaults(default_config, source, filled):
+    """Defaults of one kind (offline's ``pinned``) must not leak into a source of another."""
+    default_config["datasets"]["docs_en"]["source"] = dict(source)
+    validate_config(default_config)
+    assert default_config["datasets"]["docs_en"]["source"] == {**source, **filled}
+
+
+def test_a_key_of_another_source_kind_is_named(default_config):
+    default_config["datasets"]["docs_en"]["source"] = {"kind": "hub", "path": "x", "corpus": "y"}
+    message = explain_schema_errors(default_config)
+    assert "datasets.docs_en.source" in message and "corpus" in message and "'path'" in message
+
+
 def test_snakemake_fails_before_any_job_with_the_key(tmp_path, default_config):
     default_config["train"]["chekpoints"] = 3
     result = snakemake("-n", config=default_config, workdir=tmp_path, check=False)

@@ -16,13 +16,16 @@ from workflow.config import validate_config
 from workflow.resources import (
     BASE_MEMORY_MB,
     RESOURCE_NAMES,
+    cost_table,
+    downstream_resources,
     evaluate_resources,
+    gpu_hours,
     rule_resources,
     train_resources,
 )
 from workflow.runs import ConfigError, find_run, trained_runs
 
-GPU_RULES = ("train", "evaluate_loss")
+GPU_RULES = ("train", "evaluate_loss", "evaluate_downstream")
 
 
 def validated(config: dict) -> dict:
@@ -36,7 +39,7 @@ def config(tiny_config) -> dict:
 
 def test_every_job_gets_whole_numbers_for_every_resource(config):
     for run in trained_runs(config):
-        for derive in (train_resources, evaluate_resources):
+        for derive in (train_resources, evaluate_resources, downstream_resources):
             resources = derive(config, run)
             assert tuple(resources) == RESOURCE_NAMES
             assert all(isinstance(value, int) for value in resources.values())
@@ -57,6 +60,10 @@ def test_runtime_is_the_token_budget_over_the_measured_throughput(tiny_config):
     evaluated = config["validation"]["max_tokens"] * len(config["validation"]["sets"])
     expected = 7 + math.ceil(evaluated * 1.5 / (3 * 60_000))
     assert evaluate_resources(config, run)["runtime"] == expected
+    downstream = config["downstream"]
+    tokens = len(downstream["tasks"]) * downstream["examples"] * 8 * 64  # context 64
+    expected = 7 + math.ceil(tokens * 1.5 / (3 * 60_000))
+    assert downstream_resources(config, run)["runtime"] == expected
 
 
 def test_without_a_measurement_runtime_follows_compute_6nd(tiny_config):
@@ -99,6 +106,7 @@ def test_training_on_cpu_asks_for_no_gpu(tiny_config):
     run = find_run(config, "wiki_en", "s", 20)
     assert train_resources(config, run)["gpu"] == 0
     assert evaluate_resources(config, run)["gpu"] == 0
+    assert downstream_resources(config, run)["gpu"] == 0
 
 
 def test_rule_resources_are_callables_of_the_jobs_wildcards_and_attempt(config):
@@ -143,6 +151,34 @@ def test_the_defaults_reach_a_config_without_a_cluster_section():
     assert set(config["cluster"]) == {
         "flops_per_gpu",
         "tokens_per_second",
+        "gpus",
         "runtime_margin",
         "runtime_overhead",
     }
+
+
+def test_the_cost_table_sums_every_runs_compute_over_the_gpu_rate(tiny_config):
+    config = validated(tiny_config)
+    runs = trained_runs(config)
+    table = cost_table(config).set_index("size")
+    flops_per_hour = config["cluster"]["flops_per_gpu"] * 3600
+    assert table.loc["total", "runs"] == len(runs)
+    assert table.loc["total", "gpu_hours"] == pytest.approx(
+        sum(run.compute for run in runs) / flops_per_hour
+    )
+    for run in runs:
+        assert gpu_hours(config, run) == pytest.approx(run.compute / flops_per_hour)
+
+
+def test_a_size_trained_on_several_gpus_divides_its_runtime_but_evaluates_on_one(tiny_config):
+    tiny_config["cluster"] = {"flops_per_gpu": 1.0e6, "runtime_margin": 1, "runtime_overhead": 0}
+    one = validated(tiny_config)
+    tiny_config["cluster"]["gpus"] = {"l": 4}
+    four = validated(tiny_config)
+    run = find_run(four, "wiki_en", "l", 20)
+    assert train_resources(four, run)["gpu"] == 4
+    assert evaluate_resources(four, run)["gpu"] == 1
+    single, parallel = train_resources(one, run)["runtime"], train_resources(four, run)["runtime"]
+    assert parallel == math.ceil(run.compute / 1.0e6 / 4 / 60)
+    assert single == math.ceil(run.compute / 1.0e6 / 60)
+    assert gpu_hours(four, run) == pytest.approx(gpu_hours(one, run))

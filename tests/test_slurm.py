@@ -27,7 +27,7 @@ import pytest
 from conftest import REPO, load_config, snakemake_command, snakemake_environment
 
 from workflow.config import validate_config
-from workflow.resources import evaluate_resources, train_resources
+from workflow.resources import downstream_resources, evaluate_resources, train_resources
 from workflow.runs import find_run
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -36,8 +36,13 @@ SCRIPTS = REPO / "tests" / "slurm"
 # The project's profile, then only what the test cluster needs on top of it.
 PROFILES = (REPO / "slurm", SCRIPTS / "profile")
 SLURM_ROOT = Path(os.environ.get("SLURM_ROOT", "/tmp/scaling-lab-slurm"))
-GPU_RULES = {"train", "evaluate_loss"}
-DATA_RULES = {"prepare", "tokenizer", "tokenize"}
+GPU_RULES = {"train", "evaluate_loss", "evaluate_downstream"}
+DERIVE = {
+    "train": train_resources,
+    "evaluate_loss": evaluate_resources,
+    "evaluate_downstream": downstream_resources,
+}
+DATA_RULES = {"prepare", "tokenizer", "tokenize", "build_suite"}
 # A Snakemake that never hears back from Slurm would block CI forever: kill it instead.
 SNAKEMAKE_TIMEOUT_S = 900
 
@@ -297,8 +302,7 @@ def test_the_tiny_config_runs_through_sbatch(pipeline):
         assert fields["Comment"].startswith(f"rule_{job.rule}")
         if job.rule in GPU_RULES:
             assert fields["Partition"] == "gpu" and fields["TresPerJob"] == "gres:gpu:1"
-            derive = train_resources if job.rule == "train" else evaluate_resources
-            expected = derive(config, run_of(config, job), 1)
+            expected = DERIVE[job.rule](config, run_of(config, job), 1)
             assert minutes(fields["TimeLimit"]) == expected["runtime"]
             assert megabytes(fields["MinMemoryNode"]) == expected["mem_mb"]
         else:
@@ -314,7 +318,11 @@ def test_changing_one_size_submits_only_its_jobs(pipeline):
     assert {job.wildcards["size"] for job in gpu_jobs} == {"s"}
     n_runs = len(changed["grid"]["wiki_en"]["s"])
     counts = {rule: sum(job.rule == rule for job in gpu_jobs) for rule in GPU_RULES}
-    assert counts == {"train": n_runs, "evaluate_loss": n_runs * changed["train"]["checkpoints"]}
+    assert counts == {
+        "train": n_runs,
+        "evaluate_loss": n_runs * changed["train"]["checkpoints"],
+        "evaluate_downstream": n_runs,  # the tiny config's downstream.checkpoints: final
+    }
     assert not run.rules() & DATA_RULES
     # downstream of the runs, locally or on the cluster
     assert {"aggregate", "fit"} <= run.rules(submitted=False)
@@ -354,7 +362,7 @@ def test_a_cancelled_training_is_reported_and_resumes(pipeline):
     planned_gpu = {
         (job.rule, job.wildcards["size"]) for job in planned.jobs if job.rule in GPU_RULES
     }
-    assert planned_gpu == {("train", "s"), ("evaluate_loss", "s")}
+    assert planned_gpu == {("train", "s"), ("evaluate_loss", "s"), ("evaluate_downstream", "s")}
 
     resumed = snakemake(pipeline.workdir, changed)
     pipeline.config = changed

@@ -48,6 +48,7 @@ from scipy.optimize import leastsq
 
 from workflow import laws
 from workflow.atomic import atomic_path
+from workflow.runs import untrained_targets
 from workflow.tables import read_runs_table
 
 PREDICTIONS_SCHEMA = pa.schema(
@@ -147,6 +148,11 @@ class Settings:
             payload = json.loads(text)
         except json.JSONDecodeError as error:
             raise FitError(f"--settings is not JSON: {error}") from None
+        return cls.from_payload(payload)
+
+    @classmethod
+    def from_payload(cls, payload: dict) -> Settings:
+        """From the dict ``settings_payload`` builds (the rule passes it as JSON)."""
         try:
             return cls(
                 loss_points=payload["loss"]["points"],
@@ -161,6 +167,43 @@ class Settings:
             raise FitError(
                 f"settings lack {missing}; expected loss.points and error.points"
             ) from None
+
+
+def error_loss_eval(config: dict) -> str:
+    """The validation set whose loss the error law is fitted on (and the plot shows)."""
+    chosen = config["fit"]["error"].get("loss_eval")
+    if chosen:
+        return chosen
+    return "c4_val" if config.get("released_dir") else config["validation"]["sets"][0]
+
+
+def settings_payload(config: dict) -> dict:
+    """Everything the fit stage needs from a validated config, as the rule passes it (JSON).
+
+    One builder for the fit rule and the planner (workflow/plan.py), so both fit the same way.
+    """
+    fit = config["fit"]
+    extra_targets = (
+        []  # the released testbed has no runs to predict beyond its own
+        if config.get("released_dir")
+        else [
+            {
+                "dataset": run.dataset,
+                "size": run.size,
+                "N": run.n_params,
+                "M": run.multiplier,
+                "D": run.tokens,
+            }
+            for run in untrained_targets(config)
+        ]
+    )
+    return {
+        "loss": {"points": fit["loss"]["points"], "starts": fit["loss"]["starts"]},
+        "error": {"points": fit["error"]["points"], "loss_eval": error_loss_eval(config)},
+        "bootstrap": fit["bootstrap"],
+        "seed": fit["seed"],
+        "extra_targets": extra_targets,
+    }
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,15 +9,24 @@ estimate that is too small costs one retry, not the run: the profile resubmits a
 (``retries``) with ``attempt`` times the time and memory, and training resumes from its last
 resume state.
 
-Pure arithmetic on the config, like workflow.runs: Snakemake calls it while planning.
+Pure arithmetic on the config, like workflow.runs: Snakemake calls it while planning. Run as
+a module, it prints what a whole config would cost before anything is submitted:
+
+    python -m workflow.resources --configfile presets/paper.yaml
 """
 
 from __future__ import annotations
 
+import argparse
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
-from workflow.runs import Run
+import pandas as pd
+import yaml
+
+from workflow.config import validate_config
+from workflow.runs import Run, trained_runs
 
 # Resources every derivation returns: sbatch -t (minutes), --mem (MB) and --gpus.
 RESOURCE_NAMES = ("runtime", "mem_mb", "gpu")
@@ -36,9 +45,12 @@ MEMORY_STEP_MB = 1024
 ResourceFunction = Callable[[dict, Run, int], dict[str, int]]
 
 
-def gpus_per_job(config: dict) -> int:
-    """One GPU per job (the trainer is single-device); none when the config trains on CPU."""
-    return 0 if config["train"]["device"] == "cpu" else 1
+def gpus_per_job(config: dict, run: Run) -> int:
+    """GPUs of one job: ``cluster.gpus`` of the size (the trainer runs one process per GPU
+    under torchrun, DDP or FSDP), 1 by default; none when the config trains on CPU."""
+    if config["train"]["device"] == "cpu":
+        return 0
+    return config["cluster"]["gpus"].get(run.size, 1)
 
 
 def tokens_per_second(config: dict, run: Run) -> float:
@@ -67,13 +79,18 @@ def memory_mb(bytes_per_parameter: int, run: Run, attempt: int) -> int:
 
 def train_resources(config: dict, run: Run, attempt: int = 1) -> dict[str, int]:
     """Resources of the job that trains ``run`` on its D tokens."""
-    gpus = gpus_per_job(config)
+    gpus = gpus_per_job(config, run)
     seconds = run.tokens / (tokens_per_second(config, run) * max(gpus, 1))
     return {
         "runtime": runtime_minutes(config, seconds, attempt),
         "mem_mb": memory_mb(TRAINING_BYTES_PER_PARAMETER, run, attempt),
         "gpu": gpus,
     }
+
+
+def evaluation_gpus(config: dict, run: Run) -> int:
+    """Evaluation is one process: one GPU however many the run trained on (none on CPU)."""
+    return min(gpus_per_job(config, run), 1)
 
 
 def evaluate_resources(config: dict, run: Run, attempt: int = 1) -> dict[str, int]:
@@ -84,7 +101,31 @@ def evaluate_resources(config: dict, run: Run, attempt: int = 1) -> dict[str, in
     return {
         "runtime": runtime_minutes(config, seconds, attempt),
         "mem_mb": memory_mb(EVALUATION_BYTES_PER_PARAMETER, run, attempt),
-        "gpu": gpus_per_job(config),
+        "gpu": evaluation_gpus(config, run),
+    }
+
+
+# Tokens the paper's suite scores per checkpoint: items x choices x prompt tokens over its
+# tasks (eval_metadata.csv's item counts; 10-shot prompts of ~1,000 tokens), about 1e8.
+PAPER17_TOKENS = 1.0e8
+# Sequences the offline suite scores per item: four choices, twice for a task ranked by
+# mutual information (the choices alone as well); every one at most a context long.
+OFFLINE_SEQUENCES_PER_ITEM = 8
+
+
+def downstream_resources(config: dict, run: Run, attempt: int = 1) -> dict[str, int]:
+    """Resources of the job that runs one checkpoint of ``run`` through the downstream suite."""
+    downstream = config["downstream"]
+    if downstream["suite"] == "paper17":
+        tokens = PAPER17_TOKENS
+    else:
+        sequences = len(downstream["tasks"]) * downstream["examples"] * OFFLINE_SEQUENCES_PER_ITEM
+        tokens = sequences * config["sizes"][run.size]["context_length"]
+    seconds = tokens / (EVALUATION_SPEEDUP * tokens_per_second(config, run))
+    return {
+        "runtime": runtime_minutes(config, seconds, attempt),
+        "mem_mb": memory_mb(EVALUATION_BYTES_PER_PARAMETER, run, attempt),
+        "gpu": evaluation_gpus(config, run),
     }
 
 
@@ -104,3 +145,68 @@ def rule_resources(
         return value
 
     return {name: resource(name) for name in RESOURCE_NAMES}
+
+
+def gpu_hours(config: dict, run: Run) -> float:
+    """Estimated device-hours of training ``run``: its tokens over the throughput, no margin."""
+    return run.tokens / tokens_per_second(config, run) / 3600
+
+
+def cost_table(config: dict) -> pd.DataFrame:
+    """Per size: runs, GPUs per job, compute and estimated GPU-hours of training, and the
+    longest job's wall time as requested (hours)."""
+    rows = [
+        {
+            "size": run.size,
+            "N": run.n_params,
+            "runs": 1,
+            "gpus_per_job": gpus_per_job(config, run),
+            "C": run.compute,
+            "gpu_hours": gpu_hours(config, run),
+            "max_runtime_h": train_resources(config, run)["runtime"] / 60,
+        }
+        for run in trained_runs(config)
+    ]
+    table = (
+        pd.DataFrame(rows)
+        .groupby(["size", "N"], sort=False)
+        .agg(
+            {
+                "runs": "sum",
+                "gpus_per_job": "max",
+                "C": "sum",
+                "gpu_hours": "sum",
+                "max_runtime_h": "max",
+            }
+        )
+        .reset_index()
+    )
+    total = {"size": "total", **table[["runs", "C", "gpu_hours"]].sum().to_dict()}
+    table = pd.concat([table, pd.DataFrame([total])], ignore_index=True)
+    return table.astype({"runs": int})
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Estimated training cost of a config's grid.")
+    parser.add_argument("--configfile", default="config.yaml")
+    args = parser.parse_args(argv)
+    config = yaml.safe_load(Path(args.configfile).read_text())
+    validate_config(config)
+    table = cost_table(config)
+    print(
+        table.to_string(
+            index=False,
+            na_rep="",
+            formatters={
+                "N": "{:,.0f}".format,
+                "gpus_per_job": "{:.0f}".format,
+                "C": "{:.3g}".format,
+                "gpu_hours": "{:,.1f}".format,
+                "max_runtime_h": "{:,.1f}".format,
+            },
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

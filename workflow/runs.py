@@ -206,6 +206,18 @@ def check_config(config: dict) -> None:
     for size in config["fit"].get("predict", {}):
         if size not in sizes:
             raise ConfigError(f"fit.predict.{size}: unknown size; allowed: {sorted(sizes)}")
+    downstream = config["downstream"]
+    if downstream["suite"] == "offline" and not downstream["tasks"]:
+        raise ConfigError(
+            "downstream.tasks: the offline suite needs at least one task, "
+            "e.g. {word_order: {builder: word_order, source: <dataset>}}"
+        )
+    for name, task in downstream["tasks"].items():
+        if task["source"] not in datasets:
+            raise ConfigError(
+                f"downstream.tasks.{name}.source: unknown dataset {task['source']!r}; "
+                f"allowed: {sorted(datasets)}"
+            )
     trainer = config["tokenizer"].get("train_on")
     if trainer is not None and trainer not in datasets:
         raise ConfigError(

@@ -1,0 +1,82 @@
+"""The planner: on runs drawn from a known law it recommends that law's optimum, serving tokens
+moves it to smaller over-trained models, and its CLI reports plainly."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from conftest import REPO
+from test_fit import GRID, TRUE_ERROR, TRUE_LOSS, settings, synthetic_runs
+
+from workflow import laws, plan
+from workflow.fit import FitError
+from workflow.tables import write_runs_table
+
+BUDGET = 1e22
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return synthetic_runs(GRID, noise=1e-3, seed=3, errors=True)
+
+
+def test_without_inference_the_plan_is_the_laws_compute_optimum(runs):
+    recommended = plan.plan(runs, settings(), "toy", "val", BUDGET)
+    optimal_m = laws.optimal_multiplier(*TRUE_LOSS[1:])
+    assert pytest.approx(optimal_m, rel=0.05) == recommended.M
+    assert recommended.M_ci[0] <= recommended.M <= recommended.M_ci[1]
+    assert pytest.approx(BUDGET) == 6 * recommended.N * recommended.D
+    true_loss = laws.loss(BUDGET, optimal_m, *TRUE_LOSS)
+    assert recommended.loss == pytest.approx(true_loss, rel=0.01)
+    assert recommended.loss_ci[0] <= recommended.loss <= recommended.loss_ci[1]
+    assert recommended.error == pytest.approx(laws.error(true_loss, *TRUE_ERROR), rel=0.02)
+
+
+def test_the_search_agrees_with_the_closed_form_when_serving_nothing():
+    closed = plan.best_size(np.array(TRUE_LOSS), BUDGET, 0.0)
+    searched = plan.best_size(np.array(TRUE_LOSS), BUDGET, 1e-6)
+    assert searched == pytest.approx(closed, rel=1e-3)
+
+
+def test_serving_tokens_recommends_a_smaller_more_over_trained_model(runs):
+    alone = plan.plan(runs, settings(), "toy", "val", BUDGET)
+    serving = plan.plan(runs, settings(), "toy", "val", BUDGET, inference_tokens=1e13)
+    assert serving.N < alone.N and serving.M > alone.M
+    assert pytest.approx(BUDGET) == 6 * serving.N * serving.D + 2 * serving.N * 1e13
+    # It is the minimum: a 10% larger or smaller model predicts a higher loss on the same budget.
+    for factor in (0.9, 1.1):
+        n_params = serving.N * factor
+        tokens = plan.tokens_for(np.array(n_params), BUDGET, 1e13)
+        neighbour, _ = laws.predict("paper", n_params, tokens, serving.loss_params)
+        assert neighbour > serving.loss
+
+
+def test_an_unknown_dataset_is_named(runs):
+    with pytest.raises(FitError, match=r"'nope'.*toy"):
+        plan.plan(runs, settings(), "nope", "val", BUDGET)
+
+
+def test_cli_reports_the_plan(tmp_path, runs):
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["results_dir"] = str(tmp_path)
+    config["grid"] = {"docs_en": {size: [10, 20, 80, 320] for size in ("xs", "s", "m", "l")}}
+    config["fit"]["loss"]["points"] = {"xs": [20, 320], "s": [20], "m": [20], "l": [20]}
+    config["fit"]["error"] = {"points": config["fit"]["loss"]["points"], "loss_eval": "val"}
+    config["fit"]["bootstrap"] = 20
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    write_runs_table(runs.to_dict("records"), tmp_path / "runs.parquet")
+    result = subprocess.run(
+        [sys.executable, "-m", "workflow.plan", "--configfile", str(config_file),
+         "--budget", "1e20", "--json", str(tmp_path / "plan.json")],
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "recommended N =" in result.stdout and "predicted avg error" in result.stdout
+    written = yaml.safe_load((tmp_path / "plan.json").read_text())
+    assert math.isclose(6 * written["N"] * written["D"], 1e20, rel_tol=1e-9)

@@ -1,0 +1,64 @@
+"""The paper-scale preset plans exactly the paper's 104 runs, with the paper's token budgets.
+
+Only planning is tested here (validation and a dry run): the runs need a GPU cluster and
+the hub. The released models' own files (../shared/paper-testbed) are the reference where
+present; the budgets below are theirs.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+
+import pytest
+from conftest import REPO, load_config, snakemake
+
+from workflow.config import validate_config
+from workflow.runs import trained_runs
+
+
+@pytest.fixture(scope="module")
+def paper_config() -> dict:
+    config = load_config("presets/paper.yaml")
+    validate_config(config)
+    return config
+
+
+def test_paper_preset_has_the_papers_104_runs(paper_config):
+    runs = trained_runs(paper_config)
+    assert len(runs) == 104
+    per_dataset = collections.Counter(run.dataset for run in runs)
+    assert per_dataset == {"c4": 34, "redpajama": 35, "refinedweb": 35}
+    assert not any(
+        run.size == "0.411B" and run.multiplier == 640 for run in runs if run.dataset == "c4"
+    )
+
+
+@pytest.mark.parametrize(
+    ("dataset", "size", "multiplier", "n_params", "tokens"),
+    [
+        # exp_data/models/*.json: hyperparameters.params and .tokens of the released models.
+        ("c4", "0.011B", 20, 10_569_312, 211_386_240),
+        ("refinedweb", "0.411B", 5, 411_616_256, 2_058_081_280),
+        ("c4", "1.4B", 80, 1_439_795_200, 115_183_616_000),
+        ("redpajama", "6.9B", 20, 6_889_410_560, 137_788_211_200),
+    ],
+)
+def test_paper_preset_budgets(paper_config, dataset, size, multiplier, n_params, tokens):
+    (run,) = [
+        run
+        for run in trained_runs(paper_config)
+        if (run.dataset, run.size, run.multiplier) == (dataset, size, multiplier)
+    ]
+    assert (run.n_params, run.tokens) == (n_params, tokens)
+
+
+def test_paper_preset_dry_run_lists_104_training_jobs(tmp_path):
+    result = snakemake(
+        "-n",
+        "--configfile",
+        str(REPO / "presets" / "paper.yaml"),
+        workdir=tmp_path,
+    )
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", result.stdout, re.M))
+    assert counts["train"] == "104", result.stdout[-3000:]

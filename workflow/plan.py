@@ -1,0 +1,253 @@
+"""Plan a run before paying for it: the size N and multiplier M the fitted laws recommend.
+
+Given a training budget C (FLOPs) and optionally the tokens the model will serve in its life,
+the planner fits the laws on the runs this project has already trained (as the fit stage does,
+with its bootstrap), and picks the N that minimises the predicted loss under
+
+    6 N D + 2 N I = budget       (training, plus inference at 2N FLOPs per served token),
+
+so D = (budget - 2 N I) / 6N and M = D / N. Without inference the answer is the law's own
+compute-optimal multiplier M* = (b/a)^(1/(2 eta)); serving many tokens pushes towards smaller,
+over-trained models, which is the trade-off the paper's over-training laws make computable.
+The loss and error at the recommendation carry 95% intervals from the bootstrap refits, and
+the report says how far the recommendation lies beyond the fit points (an extrapolation).
+
+    python -m workflow.plan --budget 1e21 [--inference-tokens 1e12] [--configfile CONFIG]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+from scipy.optimize import minimize_scalar
+
+from workflow import laws
+from workflow.config import validate_config
+from workflow.fit import (
+    FitError,
+    Runs,
+    Settings,
+    fit_error_laws,
+    fit_loss_laws,
+    settings_payload,
+)
+from workflow.runs import ConfigError
+from workflow.tables import read_runs_table
+
+# Inference FLOPs per served token: one forward pass.
+INFERENCE_FLOPS_PER_TOKEN_PER_PARAMETER = 2.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A recommended run and what the laws predict for it (intervals: 2.5 and 97.5 %)."""
+
+    dataset: str
+    eval: str
+    budget: float
+    inference_tokens: float
+    N: float
+    D: float
+    M: float
+    loss_params: tuple[float, ...]
+    loss: float
+    loss_ci: tuple[float, float]
+    error_group: str | None
+    error: float | None
+    error_ci: tuple[float, float] | None
+    M_ci: tuple[float, float]
+    compute_over_largest_fit: float
+    fit_multipliers: tuple[float, float]
+
+
+def tokens_for(n_params: np.ndarray, budget: float, inference_tokens: float) -> np.ndarray:
+    """Training tokens D that spend what is left of ``budget`` after serving at size N."""
+    inference = INFERENCE_FLOPS_PER_TOKEN_PER_PARAMETER * n_params * inference_tokens
+    return (budget - inference) / (6.0 * n_params)
+
+
+def best_size(loss_params: np.ndarray, budget: float, inference_tokens: float) -> float:
+    """The N minimising the paper-form loss under the budget (1-D search in log N).
+
+    Without inference this is the closed form N = sqrt(C / 6 M*); the search handles both.
+    """
+    if inference_tokens == 0:
+        optimal = laws.optimal_multiplier(*loss_params[1:])
+        return math.sqrt(budget / (6.0 * optimal))
+    # N at which serving alone spends the budget: no training tokens are left beyond it.
+    ceiling = budget / (INFERENCE_FLOPS_PER_TOKEN_PER_PARAMETER * inference_tokens)
+
+    def predicted(log_n: float) -> float:
+        n_params = math.exp(log_n)
+        tokens = tokens_for(np.array(n_params), budget, inference_tokens)
+        if tokens <= 0:
+            return math.inf
+        return float(laws.predict("paper", n_params, tokens, loss_params)[0])
+
+    result = minimize_scalar(
+        predicted, bounds=(math.log(1.0), math.log(ceiling) - 1e-9), method="bounded"
+    )
+    return math.exp(result.x)
+
+
+def interval(values: np.ndarray) -> tuple[float, float]:
+    finite = values[np.isfinite(values)]
+    if not len(finite):
+        return (math.nan, math.nan)
+    low, high = np.percentile(finite, [2.5, 97.5])
+    return (float(low), float(high))
+
+
+def plan(
+    runs_table,
+    settings: Settings,
+    dataset: str,
+    eval_name: str,
+    budget: float,
+    inference_tokens: float = 0.0,
+) -> Plan:
+    """Fit the laws on ``dataset``'s final runs and recommend (N, M) for ``budget``."""
+    final = runs_table[runs_table["final"].astype(bool) & (runs_table["dataset"] == dataset)]
+    if final.empty:
+        datasets = sorted(runs_table["dataset"].unique())
+        raise FitError(f"no final runs of dataset {dataset!r}; datasets: {datasets}")
+    runs = Runs.from_rows(dataset, final)
+    if eval_name not in runs.evals("loss"):
+        raise FitError(f"no loss evaluation {eval_name!r}; available: {runs.evals('loss')}")
+    rng = np.random.default_rng(settings.seed)
+    loss_points = runs.select(settings.loss_points, "loss")
+    loss_fits, samples = fit_loss_laws(runs, loss_points, settings, rng)
+    fitted = loss_fits[("paper", eval_name)]
+
+    n_params = best_size(fitted.params, budget, inference_tokens)
+    tokens = float(tokens_for(np.array(n_params), budget, inference_tokens))
+    if tokens <= 0:
+        raise FitError(
+            f"serving {inference_tokens:g} tokens alone costs more than {budget:g} FLOPs"
+        )
+    loss, _ = laws.predict("paper", n_params, tokens, fitted.params)
+    converged = fitted.replicates[np.isfinite(fitted.replicates).all(axis=1)]
+    replicate_loss = np.array([laws.predict("paper", n_params, tokens, p)[0] for p in converged])
+    replicate_m = np.array(
+        [
+            float(tokens_for(np.array(n), budget, inference_tokens)) / n
+            for n in (best_size(p, budget, inference_tokens) for p in converged)
+        ]
+    )
+
+    group, error, error_ci = None, None, None
+    if runs.evals("error"):
+        group = runs.evals("error")[0]
+        error_points = runs.select(settings.error_points, "error")
+        error_fit = fit_error_laws(
+            runs, error_points, eval_name, samples[eval_name], settings, rng
+        )[group]
+        error = float(laws.error(loss, *error_fit.params))
+        ok = np.isfinite(fitted.replicates).all(axis=1) & np.isfinite(error_fit.replicates).all(
+            axis=1
+        )
+        replicate_error = [
+            float(laws.error(laws.predict("paper", n_params, tokens, p)[0], *q))
+            for p, q in zip(fitted.replicates[ok], error_fit.replicates[ok], strict=True)
+        ]
+        error_ci = interval(np.array(replicate_error))
+
+    fit_runs = runs.table[loss_points]
+    largest_fit = float(laws.compute(fit_runs["N"], fit_runs["D"]).max())
+    return Plan(
+        dataset=dataset,
+        eval=eval_name,
+        budget=budget,
+        inference_tokens=inference_tokens,
+        N=n_params,
+        D=tokens,
+        M=tokens / n_params,
+        loss_params=tuple(float(value) for value in fitted.params),
+        loss=float(loss),
+        loss_ci=interval(replicate_loss),
+        error_group=group,
+        error=error,
+        error_ci=error_ci,
+        M_ci=interval(replicate_m),
+        compute_over_largest_fit=6.0 * n_params * tokens / largest_fit,
+        fit_multipliers=(float(fit_runs["M"].min()), float(fit_runs["M"].max())),
+    )
+
+
+def describe(recommended: Plan) -> str:
+    """The recommendation as a person reads it."""
+    p = recommended
+    lines = [
+        f"{p.dataset}: budget {p.budget:.3g} FLOPs"
+        + (f", serving {p.inference_tokens:.3g} tokens" if p.inference_tokens else ""),
+        f"  recommended N = {p.N:,.0f} parameters, D = {p.D:,.0f} tokens, "
+        f"M = D/N = {p.M:.1f} (95%: {p.M_ci[0]:.1f} - {p.M_ci[1]:.1f})",
+        f"  predicted {p.eval} loss {p.loss:.4f} (95%: {p.loss_ci[0]:.4f} - {p.loss_ci[1]:.4f})",
+    ]
+    if p.error is not None:
+        lines.append(
+            f"  predicted {p.error_group} error {p.error:.4f} "
+            f"(95%: {p.error_ci[0]:.4f} - {p.error_ci[1]:.4f})"
+        )
+    low, high = p.fit_multipliers
+    lines.append(
+        f"  training compute is {p.compute_over_largest_fit:.3g}x the largest fit run; the fit "
+        f"points span M = {low:g} - {high:g}"
+        + ("" if low <= p.M <= high else " (M is outside them: an extrapolation in M too)")
+    )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--budget", type=float, required=True, help="training FLOPs (6ND)")
+    parser.add_argument(
+        "--inference-tokens",
+        type=float,
+        default=0.0,
+        help="tokens the model will serve; each costs 2N FLOPs from the same budget",
+    )
+    parser.add_argument("--configfile", default="config.yaml", help="the config that was run")
+    parser.add_argument(
+        "--released-dir", help="the released testbed's directory, for a released-mode config"
+    )
+    parser.add_argument("--dataset", help="training dataset (default: the only or first one)")
+    parser.add_argument("--eval", help="validation set (default: fit.error.loss_eval's)")
+    parser.add_argument("--json", help="also write the plan here as JSON")
+    args = parser.parse_args(argv)
+    try:
+        config = yaml.safe_load(Path(args.configfile).read_text())
+        if args.released_dir:
+            config["released_dir"] = args.released_dir
+        validate_config(config)
+        settings = Settings.from_payload(settings_payload(config))
+        runs_path = Path(config["results_dir"]) / "runs.parquet"
+        if not runs_path.exists():
+            sys.exit(f"plan: {runs_path} does not exist; run `snakemake {runs_path}` first")
+        runs_table = read_runs_table(runs_path)
+        dataset = args.dataset or sorted(runs_table["dataset"].unique())[0]
+        recommended = plan(
+            runs_table,
+            settings,
+            dataset,
+            args.eval or settings.loss_eval,
+            args.budget,
+            args.inference_tokens,
+        )
+    except (ConfigError, FitError) as error:
+        sys.exit(f"plan: {error}")
+    print(describe(recommended))
+    if args.json:
+        Path(args.json).write_text(json.dumps(asdict(recommended), indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
