@@ -10,6 +10,9 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
+report: "report/workflow.rst"
+
+
 if not workflow.overwrite_configfiles:
 
     configfile: "config.yaml"
@@ -39,3 +42,4 @@ else:
 
 
 include: "rules/fit.smk"
+include: "rules/report.smk"

@@ -120,7 +120,30 @@ def downstream_eval_files():
 
 def final_targets():
     """What `snakemake` with no target builds: the predictions and what a reader looks at."""
-    return [out("predictions.parquet"), out("fits.parquet"), out("plots", "scaling.png")]
+    figures = [out("plots", "scaling.png"), out("plots", "targets.html")]
+    if not config["released_dir"]:
+        figures.append(out("plots", "curves.png"))
+    return [out("predictions.parquet"), out("fits.parquet"), *figures]
+
+
+def curve_runs():
+    """Each trained run's identity and curve table, for the training-curves figure."""
+    return as_json(
+        [
+            {
+                "dataset": run.dataset,
+                "size": run.size,
+                "N": run.n_params,
+                "M": run.multiplier,
+                "curve": out("runs", run.key, "curve.parquet"),
+            }
+            for run in trained_runs(config)
+        ]
+    )
+
+
+def curve_files():
+    return [out("runs", run.key, "curve.parquet") for run in trained_runs(config)]
 
 
 def train_spec(run):

@@ -70,6 +70,7 @@ def test_snakemake_fails_before_any_job_with_the_key(tmp_path, default_config):
         (lambda c: c["sizes"]["xs"].update(n_heads=3), "divisible by n_heads"),
         (lambda c: c["fit"]["loss"]["points"].update(xs=[40]), "fit.loss.points.xs"),
         (lambda c: c["validation"]["sets"].append("nope"), "validation.sets"),
+        (lambda c: c.update(cluster={"gpus": {"xxl": 8}}), "cluster.gpus.xxl: unknown size"),
     ],
 )
 def test_semantic_errors_name_the_key(default_config, edit, expected):

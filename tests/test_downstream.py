@@ -190,11 +190,11 @@ def test_a_task_on_an_unknown_dataset_or_builder_is_named(default_config):
     from workflow.config import validate_config
     from workflow.runs import ConfigError
 
-    default_config["downstream"]["tasks"]["word_order"]["source"] = "nope"
-    with pytest.raises(ConfigError, match=r"downstream\.tasks\.word_order\.source: .*'nope'"):
+    default_config["downstream"]["tasks"]["window_order"]["source"] = "nope"
+    with pytest.raises(ConfigError, match=r"downstream\.tasks\.window_order\.source: .*'nope'"):
         validate_config(default_config)
-    default_config["downstream"]["tasks"]["word_order"] = {"builder": "cloze", "source": "docs_en"}
-    with pytest.raises(ConfigError, match=r"downstream\.tasks\.word_order\.builder: 'cloze'"):
+    default_config["downstream"]["tasks"]["window_order"] = {"builder": "cloze", "source": "docs_en"}
+    with pytest.raises(ConfigError, match=r"downstream\.tasks\.window_order\.builder: 'cloze'"):
         validate_config(default_config)
 
 

@@ -99,6 +99,18 @@ def test_outputs_have_the_documented_schema(finished_run):
     assert (results / "plots" / "scaling.png").stat().st_size > 10_000
 
 
+def test_the_report_is_one_self_contained_page_with_every_figure(finished_run):
+    workdir, config = finished_run
+    for figure in ("scaling.png", "curves.png", "targets.html"):
+        assert (workdir / "results" / "plots" / figure).stat().st_size > 1000
+    snakemake("--report", "report.html", config=config, workdir=workdir)
+    page = (workdir / "report.html").read_text()
+    # The figures are embedded (data URIs), not linked to files beside the page.
+    assert "scaling.png" in page and "curves.png" in page and "targets.html" in page
+    assert page.count("data:image/png;base64") >= 2
+    assert "Training curves of every trained run" in page  # a caption, rendered
+
+
 def test_second_run_finds_nothing_to_do(finished_run):
     workdir, config = finished_run
     result = snakemake("-n", config=config, workdir=workdir)

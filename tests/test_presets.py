@@ -62,3 +62,23 @@ def test_paper_preset_dry_run_lists_104_training_jobs(tmp_path):
     )
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", result.stdout, re.M))
     assert counts["train"] == "104", result.stdout[-3000:]
+
+
+def test_ladder_preset_fits_small_runs_and_extrapolates_to_larger_and_over_trained_ones():
+    config = load_config("presets/ladder-small.yaml")
+    validate_config(config)
+    runs = trained_runs(config)
+    fit_points = {
+        (size, float(multiplier))
+        for size, multipliers in config["fit"]["loss"]["points"].items()
+        for multiplier in multipliers
+    }
+    fits = [run for run in runs if (run.size, run.multiplier) in fit_points]
+    targets = [run for run in runs if (run.size, run.multiplier) not in fit_points]
+    assert {run.size for run in runs} == {"0.011B", "0.079B", "0.154B", "0.411B"}
+    assert len(fits) >= 7  # more points than the loss law's four parameters
+    largest_fit = max(run.compute for run in fits)
+    assert sum(run.compute >= 3.5 * largest_fit for run in targets) == 2
+    assert max(run.multiplier for run in targets) >= 80  # an over-trained target too
+    # One GPU, a few hours: the cost estimate the README quotes.
+    assert sum(run.compute for run in runs) == pytest.approx(1.03e19, rel=0.01)

@@ -203,9 +203,15 @@ def check_config(config: dict) -> None:
                         f"fit.{law}.points.{size}: M={multiplier} is not trained in 'grid'; "
                         f"trained runs: {sorted(trained)}"
                     )
-    for size in config["fit"].get("predict", {}):
-        if size not in sizes:
-            raise ConfigError(f"fit.predict.{size}: unknown size; allowed: {sorted(sizes)}")
+    by_size = {
+        "fit.predict": config["fit"].get("predict", {}),
+        "cluster.tokens_per_second": config["cluster"]["tokens_per_second"],
+        "cluster.gpus": config["cluster"]["gpus"],
+    }
+    for key, mapping in by_size.items():
+        for size in mapping:
+            if size not in sizes:
+                raise ConfigError(f"{key}.{size}: unknown size; allowed: {sorted(sizes)}")
     downstream = config["downstream"]
     if downstream["suite"] == "offline" and not downstream["tasks"]:
         raise ConfigError(

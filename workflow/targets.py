@@ -1,0 +1,100 @@
+"""Report table: every trained target run, its prediction against what it measured.
+
+This is the number the project exists for (how far off an extrapolation was), so the report
+shows it as a table rather than leaving it to be read off a figure. Rows are the targets of
+predictions.parquet that have an actual value, for the loss of the validation set the laws are
+plotted on and for every task group's error, both forms side by side; the worst relative error
+per (dataset, quantity, form) is summarised above the table. Written as one self-contained
+HTML file, which Snakemake's report embeds as it is.
+
+``python -m workflow.targets --predictions PRED --loss-eval NAME --out HTML``
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+from collections.abc import Sequence
+
+import pandas as pd
+
+from workflow.atomic import atomic_path
+
+STYLE = """
+body { font-family: sans-serif; font-size: 13px; margin: 1em; }
+table { border-collapse: collapse; margin-bottom: 1.5em; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
+th { background: #eee; }
+td:nth-child(-n+4) { text-align: left; }
+"""
+
+
+def target_rows(predictions: pd.DataFrame, loss_eval: str) -> pd.DataFrame:
+    """The measured targets of the plotted loss and of every error group, largest last."""
+    measured = predictions[(predictions["role"] == "target") & predictions["actual"].notna()]
+    shown = (measured["quantity"] == "error") | (measured["eval"] == loss_eval)
+    rows = measured[shown].sort_values(["dataset", "quantity", "eval", "form", "C", "M"])
+    return rows.reset_index(drop=True)
+
+
+def summary(rows: pd.DataFrame) -> pd.DataFrame:
+    """Mean and worst relative error per (dataset, quantity, eval, form)."""
+    grouped = rows.groupby(["dataset", "quantity", "eval", "form"])["relative_error"]
+    return grouped.agg(targets="size", mean="mean", worst="max").reset_index()
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.2f}%"
+
+
+def render(rows: pd.DataFrame, loss_eval: str) -> str:
+    """The page: a summary table, then one row per target."""
+    detail = pd.DataFrame(
+        {
+            "dataset": rows["dataset"],
+            "quantity": rows["quantity"],
+            "eval": rows["eval"],
+            "form": rows["form"],
+            "size": rows["size"],
+            "N": rows["N"].map("{:,}".format),
+            "M": rows["M"].map("{:g}".format),
+            "C (FLOPs)": rows["C"].map("{:.3g}".format),
+            "predicted": rows["predicted"].map("{:.4f}".format),
+            "95% interval": rows["ci_low"].map("{:.4f}".format)
+            + " - "
+            + rows["ci_high"].map("{:.4f}".format),
+            "actual": rows["actual"].map("{:.4f}".format),
+            "relative error": rows["relative_error"].map(_percent),
+        }
+    )
+    totals = summary(rows)
+    for column in ("mean", "worst"):
+        totals[column] = totals[column].map(_percent)
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        f"<title>Prediction errors of the target runs</title><style>{STYLE}</style></head><body>"
+        "<h3>Relative error of the extrapolations, per dataset, quantity and form</h3>"
+        f"<p>Loss on <code>{html.escape(loss_eval)}</code> and each task group's average "
+        "top-1 error (predicted from the predicted loss); relative error is "
+        "|predicted - actual| / actual.</p>"
+        + totals.to_html(index=False, border=0)
+        + "<h3>Every target run</h3>"
+        + detail.to_html(index=False, border=0)
+        + "</body></html>\n"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--predictions", required=True, help="predictions.parquet")
+    parser.add_argument("--loss-eval", required=True, help="validation set of the loss rows")
+    parser.add_argument("--out", required=True, help="HTML to write")
+    args = parser.parse_args(argv)
+    rows = target_rows(pd.read_parquet(args.predictions), args.loss_eval)
+    with atomic_path(args.out) as temporary:
+        temporary.write_text(render(rows, args.loss_eval))
+    print(f"wrote {args.out}: {len(rows)} target rows")
+
+
+if __name__ == "__main__":
+    main()
