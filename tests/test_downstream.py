@@ -193,7 +193,8 @@ def test_a_task_on_an_unknown_dataset_or_builder_is_named(default_config):
     default_config["downstream"]["tasks"]["window_order"]["source"] = "nope"
     with pytest.raises(ConfigError, match=r"downstream\.tasks\.window_order\.source: .*'nope'"):
         validate_config(default_config)
-    default_config["downstream"]["tasks"]["window_order"] = {"builder": "cloze", "source": "docs_en"}
+    tasks = default_config["downstream"]["tasks"]
+    tasks["window_order"] = {"builder": "cloze", "source": "docs_en"}
     with pytest.raises(ConfigError, match=r"downstream\.tasks\.window_order\.builder: 'cloze'"):
         validate_config(default_config)
 

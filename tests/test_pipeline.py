@@ -105,9 +105,13 @@ def test_the_report_is_one_self_contained_page_with_every_figure(finished_run):
         assert (workdir / "results" / "plots" / figure).stat().st_size > 1000
     snakemake("--report", "report.html", config=config, workdir=workdir)
     page = (workdir / "report.html").read_text()
-    # The figures are embedded (data URIs), not linked to files beside the page.
-    assert "scaling.png" in page and "curves.png" in page and "targets.html" in page
-    assert page.count("data:image/png;base64") >= 2
+    # The figures and the table are embedded as data URIs, not linked to files beside the page.
+    for embedded in (
+        "image/png;charset=utf8;filename=scaling.png",
+        "image/png;charset=utf8;filename=curves.png",
+        "text/html;charset=utf8;filename=targets.html",
+    ):
+        assert f"data:{embedded};base64," in page
     assert "Training curves of every trained run" in page  # a caption, rendered
 
 

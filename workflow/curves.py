@@ -23,9 +23,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.colors import LogNorm
+from matplotlib.ticker import ScalarFormatter
 
-from workflow.atomic import atomic_path
-from workflow.plots import COLOURS
+from workflow.plots import COLOURS, save_figure
 
 # Logged points the rolling median spans: enough to smooth, few enough to keep the warm-up.
 SMOOTHING_WINDOW = 5
@@ -53,6 +53,7 @@ def plot_curves(curves: pd.DataFrame, out: str) -> None:
         len(sizes),
         figsize=(max(8.0, 3.2 * len(sizes)), 2.9 * len(datasets) + 0.8),
         squeeze=False,
+        sharex=True,
         sharey="row",
         layout="constrained",
     )
@@ -60,7 +61,8 @@ def plot_curves(curves: pd.DataFrame, out: str) -> None:
         for column, size in enumerate(sizes):
             axis = axes[row, column]
             runs = curves[(curves["dataset"] == dataset) & (curves["size"] == size)]
-            for multiplier, run in runs.groupby("M"):
+            # The longest (most over-trained) first, so the shorter runs stay visible on top.
+            for multiplier, run in reversed(list(runs.groupby("M"))):
                 smooth = run["loss"].rolling(SMOOTHING_WINDOW, min_periods=1, center=True)
                 axis.plot(
                     run["tokens"],
@@ -71,6 +73,8 @@ def plot_curves(curves: pd.DataFrame, out: str) -> None:
                 )
             axis.set_xscale("log")
             axis.set_yscale("log")
+            for ticks in (axis.yaxis.set_major_formatter, axis.yaxis.set_minor_formatter):
+                ticks(ScalarFormatter())
             axis.grid(True, which="both", alpha=0.25)
             n_params = runs["N"].iloc[0] if len(runs) else None
             title = f"{dataset}, {size}" + (f" (N = {n_params:,})" if n_params else "")
@@ -86,9 +90,7 @@ def plot_curves(curves: pd.DataFrame, out: str) -> None:
         f"{SMOOTHING_WINDOW} logged steps)",
         fontsize=10,
     )
-    with atomic_path(out) as temporary:
-        figure.savefig(temporary, dpi=100, format="png")
-    plt.close(figure)
+    save_figure(figure, out)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -126,6 +126,10 @@ EXACT_FIT = 1e-14
 REFIT_TOLERANCE = (2.2e-9, 2.2e-9)
 
 
+# Below this, exp(-gamma L) is linear to 1% across the fit points' loss range.
+LINEAR_ERROR_LAW = 0.01
+
+
 class FitError(ValueError):
     """A law that cannot be fitted; the message names the dataset, the law and the points."""
 
@@ -732,6 +736,15 @@ def fit_error_laws(
         used = selected & np.isfinite(loss) & np.isfinite(error)
         with runs.explaining(f"error law on {group} (x: {loss_eval} loss)", 3, used, error):
             params = fit_error_law(loss[used], error[used])
+        epsilon, k, gamma = params
+        if gamma * np.ptp(loss[used]) < LINEAR_ERROR_LAW:
+            print(
+                f"{runs.dataset}: error law on {group} is a straight line over the fit points "
+                f"(gamma {gamma:.2g}; epsilon {epsilon:.3g} and k {k:.3g} grow together): its "
+                f"curvature is not identified, only the line epsilon - k + k gamma L; the "
+                f"predictions are that line's",
+                flush=True,
+            )
         sd = runs.sd("error", group, laws.error(loss[used], *params) - error[used], 3)
         error_samples = error + rng.standard_normal((settings.bootstrap, len(error))) * sd
         replicates = refit(

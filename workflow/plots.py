@@ -262,6 +262,13 @@ def _legend(figure, style: Style, columns: int) -> None:
     )
 
 
+def save_figure(figure, out: str) -> None:
+    """Write ``figure`` to ``out`` as PNG, atomically, and free it."""
+    with atomic_path(out) as temporary:
+        figure.savefig(temporary, dpi=100, format="png")
+    plt.close(figure)
+
+
 def plot(
     runs: pd.DataFrame, predictions: pd.DataFrame, fits: pd.DataFrame, loss_eval: str, out: str
 ) -> None:
@@ -294,9 +301,7 @@ def plot(
         "relative errors of the paper's form and the Chinchilla form",
         fontsize=11,
     )
-    with atomic_path(out) as temporary:
-        figure.savefig(temporary, dpi=100, format="png")
-    plt.close(figure)
+    save_figure(figure, out)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
