@@ -8,6 +8,8 @@ rule aggregate:
         out("runs.parquet"),
     log:
         out("logs", "aggregate.log"),
+    benchmark:
+        out("benchmarks", "aggregate.tsv")
     conda:
         "../envs/fit.yaml"
     shell:

@@ -8,20 +8,19 @@ import json
 import os
 
 from workflow.config import validate_config
-from workflow.distributed import launch_command
 from workflow.fit import error_loss_eval, settings_payload
 from workflow.resources import (
     downstream_resources,
     evaluate_resources,
+    job_gpus,
+    launch_command,
     rule_resources,
     train_resources,
 )
 from workflow.runs import (
     find_run,
-    format_multiplier,
     model_shape,
     results_path,
-    run_table,
     trained_runs,
 )
 
@@ -50,10 +49,12 @@ def as_json(payload):
 
 
 def run_of(wildcards):
+    """The Run a job's {dataset}/{size}/M{multiplier} wildcards name."""
     return find_run(config, wildcards.dataset, wildcards.size, wildcards.multiplier)
 
 
 def validation_sets():
+    """Names of the datasets every checkpoint's loss is measured on."""
     return config["validation"]["sets"]
 
 
@@ -143,6 +144,7 @@ def curve_runs():
 
 
 def curve_files():
+    """Every trained run's training curve (the report's curves figure reads them)."""
     return [out("runs", run.key, "curve.parquet") for run in trained_runs(config)]
 
 
@@ -177,7 +179,6 @@ def train_spec(run):
                 "seed",
                 "device",
                 "log_every",
-                "resume_every",
             )
         },
     }
@@ -192,6 +193,7 @@ def train_engine(run):
         "parallelism": size["parallelism"],
         "compile": config["train"]["compile"],
         "peak_tflops": config["train"]["peak_tflops"],
+        "resume_every": config["train"]["resume_every"],
     }
 
 
@@ -210,11 +212,13 @@ def checkpoint_identity(run, step):
 
 
 def tokenizer_inputs(wildcards):
+    """The corpus a trained tokenizer learns from; none for a named pretrained one."""
     train_on = config["tokenizer"]["train_on"]
     return [out("corpus", train_on, "train.jsonl")] if train_on else []
 
 
 def tokenizer_command(wildcards, input):
+    """workflow.tokenizer's subcommand: train on the corpus, or load the named tokenizer."""
     if config["tokenizer"]["train_on"]:
         return f"train --corpus {input[0]}"
     return f"pretrained --name {config['tokenizer']['pretrained']}"

@@ -45,6 +45,8 @@ rule target_table:
         loss_eval=error_loss_eval(config),
     log:
         out("logs", "target_table.log"),
+    benchmark:
+        out("benchmarks", "target_table.tsv")
     conda:
         "../envs/fit.yaml"
     shell:
@@ -70,6 +72,8 @@ if not config["released_dir"]:
             runs=curve_runs(),
         log:
             out("logs", "plot_curves.log"),
+        benchmark:
+            out("benchmarks", "plot_curves.tsv")
         conda:
             "../envs/fit.yaml"
         shell:

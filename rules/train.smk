@@ -10,9 +10,12 @@ rule train:
     params:
         spec=lambda wildcards: as_json(train_spec(run_of(wildcards))),
         out_dir=lambda wildcards: out("runs", run_of(wildcards).key),
-        engine=lambda wildcards: as_json(train_engine(run_of(wildcards))),
-        # One process per GPU of the job: plain python, or torchrun with DDP/FSDP.
-        launcher=lambda wildcards, resources: launch_command(resources.gpu),
+        # How the job runs on what it was given: one process per GPU (plain python, or
+        # torchrun with DDP/FSDP) and the engine settings, which leave the result alone.
+        # Snakemake does not record a params function of the job's resources as a rerun
+        # trigger, so changing these re-runs nothing (tests/test_pipeline.py checks it).
+        launcher=lambda wildcards, resources: launch_command(job_gpus(resources)),
+        engine=lambda wildcards, resources: as_json(train_engine(run_of(wildcards))),
     threads: config["train"]["threads"]
     resources:
         **rule_resources(train_resources, config, run_of),

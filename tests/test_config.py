@@ -12,7 +12,7 @@ from workflow.runs import ConfigError, count_parameters, ffn_hidden_size, traine
 def test_default_and_tiny_configs_are_valid(default_config, tiny_config):
     for config in (default_config, tiny_config):
         validate_config(config)
-        assert config["train"]["checkpoints"] >= 1  # defaults were filled in
+        assert config["train"]["z_loss"] == 1e-4  # set by neither: the schema's default
 
 
 def test_misspelt_key_names_the_key_and_the_allowed_keys(default_config):
@@ -71,6 +71,8 @@ def test_snakemake_fails_before_any_job_with_the_key(tmp_path, default_config):
         (lambda c: c["fit"]["loss"]["points"].update(xs=[40]), "fit.loss.points.xs"),
         (lambda c: c["validation"]["sets"].append("nope"), "validation.sets"),
         (lambda c: c.update(cluster={"gpus": {"xxl": 8}}), "cluster.gpus.xxl: unknown size"),
+        (lambda c: c.update(cluster={"gpus": {"xs": 3}}), "sizes.xs.batch_size: 32 .* = 3"),
+        (lambda c: c["fit"]["error"].update(loss_eval="c4"), "fit.error.loss_eval: 'c4'"),
     ],
 )
 def test_semantic_errors_name_the_key(default_config, edit, expected):

@@ -24,8 +24,6 @@ from test_train import (
     train_command,
 )
 
-from workflow.distributed import launch_command
-
 
 def torchrun(spec: dict, data_dirs: dict, out_dir: Path, **popen) -> subprocess.Popen:
     """The train stage's entry point under ``torchrun`` with 2 processes, as the rule
@@ -41,20 +39,16 @@ def torchrun(spec: dict, data_dirs: dict, out_dir: Path, **popen) -> subprocess.
     return subprocess.Popen(command, env=environment, text=True, **popen)
 
 
-def assert_same_weights(run_dir: Path, reference_dir: Path) -> None:
-    """Every checkpoint's every tensor bitwise equal to the reference run's."""
+def assert_same_weights(run_dir: Path, reference_dir: Path, rtol: float = 0.0) -> None:
+    """Every checkpoint's every tensor equal to the reference run's: bitwise by default, or
+    within ``rtol`` of its largest entry."""
     weights, reference = checkpoint_weights(run_dir), checkpoint_weights(reference_dir)
     assert weights.keys() == reference.keys()
     for step, tensors in reference.items():
         assert weights[step].keys() == tensors.keys()
         for name, tensor in tensors.items():
-            assert torch.equal(weights[step][name], tensor), (step, name)
-
-
-def test_launch_command_starts_one_process_per_gpu():
-    assert launch_command(0) == "python"
-    assert launch_command(1) == "python"
-    assert launch_command(4) == "torchrun --standalone --nproc_per_node 4"
+            scale = rtol * tensor.abs().max().item()
+            torch.testing.assert_close(weights[step][name], tensor, rtol=0, atol=scale)
 
 
 def test_two_processes_give_the_single_process_curve(data, tmp_path):  # noqa: F811
@@ -91,12 +85,18 @@ def assert_same_curve(run_dir: Path, reference_dir: Path) -> None:
     assert reference["loss"].iloc[-1] < reference["loss"].iloc[0]
 
 
-def test_preempted_fsdp_job_resumes_in_one_process(data, tmp_path):  # noqa: F811
+def test_preempted_fsdp_job_resumes_in_one_process(data, tmp_path, capfd):  # noqa: F811
     """A 2-process FSDP job preempted after its first checkpoint: torchrun passes SIGTERM
     on, the processes agree on the step to stop after, and rank 0 saves the gathered, whole
     state. One plain process then finishes the run, and every checkpoint, the FSDP job's
-    included, is bitwise the uninterrupted one-process run's (as above)."""
-    spec = make_spec(400 * TOKENS_PER_STEP, log_every=10, parallelism="fsdp")
+    included, equals the uninterrupted one-process run's to float32 rounding: FSDP's
+    reduce-scatter sums the gradients in another order than one process does (measured:
+    3e-6 of each tensor's largest entry after 200 steps; DDP above is bitwise)."""
+    # Half the batch per forward pass: each FSDP process's share, and the one process's
+    # micro-batch, so that both sum the same gradients in the same order.
+    spec = make_spec(
+        400 * TOKENS_PER_STEP, log_every=10, parallelism="fsdp", micro_batch_size=BATCH_SIZE // 2
+    )
     assert spec["checkpoint_steps"] == [200, 400]
     run_dir = tmp_path / "preempted"
     job = torchrun(spec, data, run_dir, stderr=subprocess.PIPE)
@@ -115,8 +115,9 @@ def test_preempted_fsdp_job_resumes_in_one_process(data, tmp_path):  # noqa: F81
     assert (run_dir / "work" / "checkpoints" / "step000200").is_dir()
     assert not any((run_dir / name).exists() for name in OUTPUTS)
 
-    single = {**spec, "micro_batch_size": BATCH_SIZE // 2}
-    run_train(single, data, run_dir)
-    run_train(single, data, tmp_path / "uninterrupted")
+    capfd.readouterr()
+    run_train(spec, data, run_dir)
+    assert f"resuming at step {stopped_at}/400" in capfd.readouterr().err
+    run_train(spec, data, tmp_path / "uninterrupted")
     assert_same_curve(run_dir, tmp_path / "uninterrupted")
-    assert_same_weights(run_dir, tmp_path / "uninterrupted")
+    assert_same_weights(run_dir, tmp_path / "uninterrupted", rtol=1e-5)

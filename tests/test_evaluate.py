@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from workflow.evaluate import bootstrap_interval, validation_sequences
+from workflow.evaluate import EvaluateError, bootstrap_interval, validation_sequences
 from workflow.shards import TokenShards, write_shards
 
 
@@ -22,7 +22,7 @@ def test_validation_windows_are_consecutive_and_capped(tmp_path):
 
 def test_too_small_validation_split_names_the_fix(tmp_path):
     write_shards(tmp_path / "val", [np.arange(5)], vocab_size=64, eot_id=0)
-    with pytest.raises(ValueError, match="val_fraction"):
+    with pytest.raises(EvaluateError, match="val_fraction"):
         validation_sequences(TokenShards(tmp_path / "val"), context_length=10, max_tokens=100)
 
 

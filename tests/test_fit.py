@@ -143,7 +143,7 @@ def test_cli_reports_the_message_without_a_traceback(tmp_path):
 
 
 def test_stage_writes_the_documented_tables(tmp_path):
-    """Loss only (our own pipeline has no task groups), plus one untrained target."""
+    """Loss only (synthetic runs without task groups), plus one untrained target."""
     write_runs_table(synthetic_runs(GRID, noise=1e-3).to_dict("records"), tmp_path / "runs.parquet")
     untrained = {"dataset": "toy", "size": "xl", "N": SIZES["xl"], "M": 20.0,
                  "D": 20 * SIZES["xl"]}  # fmt: skip

@@ -4,6 +4,7 @@ to do; one size changed)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 
@@ -17,8 +18,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """One complete `snakemake --cores 2` of the tiny config, shared by the tests below."""
-    import copy
-
     from conftest import load_config
 
     workdir = tmp_path_factory.mktemp("pipeline")
@@ -118,6 +117,17 @@ def test_the_report_is_one_self_contained_page_with_every_figure(finished_run):
 def test_second_run_finds_nothing_to_do(finished_run):
     workdir, config = finished_run
     result = snakemake("-n", config=config, workdir=workdir)
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_engine_settings_rerun_nothing(finished_run):
+    """Speed, memory and resume-state settings leave every result alone, so changing them must
+    not retrain finished runs."""
+    workdir, config = finished_run
+    changed = copy.deepcopy(config)
+    changed["train"].update(compile=True, peak_tflops=1.0, resume_every=7)
+    changed["sizes"]["m"]["activation_checkpointing"] = True
+    result = snakemake("-n", config=changed, workdir=workdir)
     assert "Nothing to be done" in result.stdout + result.stderr
 
 

@@ -66,11 +66,12 @@ def test_cli_reports_the_plan(tmp_path, runs):
     config["results_dir"] = str(tmp_path)
     config["grid"] = {"docs_en": {size: [10, 20, 80, 320] for size in ("xs", "s", "m", "l")}}
     config["fit"]["loss"]["points"] = {"xs": [20, 320], "s": [20], "m": [20], "l": [20]}
-    config["fit"]["error"] = {"points": config["fit"]["loss"]["points"], "loss_eval": "val"}
+    config["fit"]["error"] = {"points": config["fit"]["loss"]["points"]}  # loss of docs_en
     config["fit"]["bootstrap"] = 20
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(config))
-    write_runs_table(runs.to_dict("records"), tmp_path / "runs.parquet")
+    measured = runs.replace({"eval": {"val": "docs_en"}})  # the config's validation set
+    write_runs_table(measured.to_dict("records"), tmp_path / "runs.parquet")
     result = subprocess.run(
         [sys.executable, "-m", "workflow.plan", "--configfile", str(config_file),
          "--budget", "1e20", "--json", str(tmp_path / "plan.json")],

@@ -20,6 +20,8 @@ from workflow.resources import (
     downstream_resources,
     evaluate_resources,
     gpu_hours,
+    job_gpus,
+    launch_command,
     rule_resources,
     train_resources,
 )
@@ -182,3 +184,25 @@ def test_a_size_trained_on_several_gpus_divides_its_runtime_but_evaluates_on_one
     assert parallel == math.ceil(run.compute / 1.0e6 / 4 / 60)
     assert single == math.ceil(run.compute / 1.0e6 / 60)
     assert gpu_hours(four, run) == pytest.approx(gpu_hours(one, run))
+
+
+def test_launch_command_starts_one_process_per_gpu():
+    assert launch_command(0) == "python"
+    assert launch_command(1) == "python"
+    assert launch_command(4) == "torchrun --standalone --nproc_per_node 4"
+
+
+@pytest.mark.parametrize(
+    ("resources", "gpus"),
+    [
+        ({"gpu": 2}, 2),
+        ({"gpu": 0}, 0),
+        ({"gpu": 0, "gres": "gpu:4"}, 4),
+        ({"gpu": 0, "gres": "gpu:a100:2"}, 2),
+        ({"gpu": 0, "gres": "gpu:a100"}, 1),
+        ({"gpu": 0, "gres": "tmpdisk:100,gpu:3"}, 3),
+        ({"gres": "tmpdisk:100"}, 0),
+    ],
+)
+def test_a_job_launches_one_process_per_gpu_however_the_profile_asks_for_them(resources, gpus):
+    assert job_gpus(resources) == gpus

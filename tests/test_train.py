@@ -368,7 +368,7 @@ def checkpoint_weights(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
     }
 
 
-def test_interrupted_runs_resume_to_the_uninterrupted_result(data, tmp_path):
+def test_interrupted_runs_resume_to_the_uninterrupted_result(data, tmp_path, capfd):
     """SIGTERM, then SIGKILL, then a run to the end reproduce the uninterrupted run exactly.
 
     A step's data and learning rate are functions of its number, the resume state holds the
@@ -401,19 +401,25 @@ def test_interrupted_runs_resume_to_the_uninterrupted_result(data, tmp_path):
     assert not any((run_dir / name).exists() for name in OUTPUTS)
 
     # SIGKILL (node loss) once the resumed run has saved a later state: it loses those steps.
-    killed = subprocess.Popen(
-        train_command(spec, data, run_dir),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=environment,
-    )
-    wait_for(lambda: saved_step(resume_path) > stopped_at, killed)
-    killed.kill()
-    killed.wait()
-    assert stopped_at < saved_step(resume_path) < 700
+    killed_log = tmp_path / "killed.log"
+    with killed_log.open("w") as stderr:
+        killed = subprocess.Popen(
+            train_command(spec, data, run_dir),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env=environment,
+        )
+        wait_for(lambda: saved_step(resume_path) > stopped_at, killed)
+        killed.kill()
+        killed.wait()
+    assert f"resuming at step {stopped_at}/700" in killed_log.read_text()
+    killed_at = saved_step(resume_path)
+    assert stopped_at < killed_at < 700
     assert not any((run_dir / name).exists() for name in OUTPUTS)
 
+    capfd.readouterr()
     resumed = run_train(spec, data, run_dir)
+    assert f"resuming at step {killed_at}/700" in capfd.readouterr().err
     uninterrupted = run_train(spec, data, tmp_path / "uninterrupted")
     assert resumed["final_loss"] == uninterrupted["final_loss"]
     columns = ["step", "tokens", "loss", "lr"]

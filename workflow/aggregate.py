@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,10 +17,14 @@ import pandas as pd
 from workflow.tables import RUNS_SCHEMA, write_runs_table
 
 
+class AggregateError(ValueError):
+    """An input file that is not an evaluation record; the message names the file."""
+
+
 def _checked(record: dict, path: str | Path) -> dict:
     missing = set(RUNS_SCHEMA.names) - set(record)
     if missing:
-        raise ValueError(f"{path} lacks keys {sorted(missing)} of the runs table")
+        raise AggregateError(f"{path} lacks keys {sorted(missing)} of the runs table")
     return {name: record[name] for name in RUNS_SCHEMA.names}
 
 
@@ -71,7 +76,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--downstream", nargs="*", default=[], help="downstream summary JSON files")
     parser.add_argument("evaluations", nargs="+", help="loss evaluation JSON files")
     args = parser.parse_args(argv)
-    frame = aggregate(args.evaluations, args.out, args.downstream)
+    try:
+        frame = aggregate(args.evaluations, args.out, args.downstream)
+    except AggregateError as error:
+        sys.exit(f"aggregate: {error}")
     files = len(args.evaluations) + len(args.downstream)
     print(f"wrote {len(frame)} rows from {files} files to {args.out}")
 

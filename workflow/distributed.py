@@ -55,17 +55,6 @@ def processes_from_environment() -> Processes:
     )
 
 
-def launch_command(n_processes: int) -> str:
-    """The program a training job starts ``-m workflow.train`` with: one process per GPU.
-
-    ``--standalone`` lets torchrun pick a free rendezvous port on the node, so several jobs
-    can share one machine.
-    """
-    if n_processes <= 1:
-        return "python"
-    return f"torchrun --standalone --nproc_per_node {n_processes}"
-
-
 @dataclass
 class Communication:
     """The process groups of a distributed run; ``signals`` is a CPU (gloo) group.

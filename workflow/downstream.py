@@ -179,6 +179,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     import torch
 
+    from workflow.train import TrainError
+
     torch.set_num_threads(args.threads)
     try:
         evaluate_downstream(
@@ -190,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             args.batch_size,
             args.device,
         )
-    except SuiteError as error:
+    except (SuiteError, TrainError) as error:
         sys.exit(f"evaluate_downstream: {error}")
 
 

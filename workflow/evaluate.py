@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,14 +22,18 @@ from transformers import AutoModelForCausalLM
 import workflow.model  # noqa: F401  (registers ScalingLM with the Auto classes)
 from workflow.atomic import write_json
 from workflow.shards import TokenShards
-from workflow.train import resolve_device
+from workflow.train import TrainError, resolve_device
+
+
+class EvaluateError(ValueError):
+    """A validation set this stage cannot score; the message names it and the fix."""
 
 
 def validation_sequences(shards: TokenShards, context_length: int, max_tokens: int) -> np.ndarray:
     """Consecutive windows of ``context_length + 1`` ids (inputs plus shifted targets)."""
     n_sequences = min(max_tokens, shards.n_tokens - 1) // context_length
     if n_sequences == 0:
-        raise ValueError(
+        raise EvaluateError(
             f"{shards.directory} has {shards.n_tokens} tokens, fewer than one sequence of "
             f"{context_length + 1}; use a larger val_fraction for that dataset"
         )
@@ -121,15 +126,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    evaluate_checkpoint(
-        args.checkpoint,
-        json.loads(args.validation),
-        json.loads(args.run),
-        args.out_dir,
-        args.max_tokens,
-        args.bootstrap,
-        device=args.device,
-    )
+    try:
+        evaluate_checkpoint(
+            args.checkpoint,
+            json.loads(args.validation),
+            json.loads(args.run),
+            args.out_dir,
+            args.max_tokens,
+            args.bootstrap,
+            device=args.device,
+        )
+    except (EvaluateError, TrainError, FileNotFoundError) as error:
+        sys.exit(f"evaluate_loss: {error}")
 
 
 if __name__ == "__main__":

@@ -123,7 +123,6 @@ REFIT_TOLERANCE = (2.2e-9, 2.2e-9)
 # An objective below this passes within 1.4e-7 of every log loss: the curve goes through the
 # points, and going on would only slide along the valley of curves that do.
 EXACT_FIT = 1e-14
-REFIT_TOLERANCE = (2.2e-9, 2.2e-9)
 
 
 # Below this, exp(-gamma L) is linear to 1% across the fit points' loss range.
@@ -141,6 +140,7 @@ class Settings:
     loss_points: dict[str, list[float]]
     error_points: dict[str, list[float]]
     loss_eval: str | None = None
+    # The schema's defaults, for settings given by hand (tests, the CLI).
     starts: int = 128
     bootstrap: int = 200
     seed: int = 0
@@ -158,19 +158,20 @@ class Settings:
     def from_payload(cls, payload: dict) -> Settings:
         """From the dict ``settings_payload`` builds (the rule passes it as JSON)."""
         try:
-            return cls(
-                loss_points=payload["loss"]["points"],
-                starts=payload["loss"].get("starts", 128),
-                error_points=payload["error"]["points"],
-                loss_eval=payload["error"].get("loss_eval"),
-                bootstrap=payload.get("bootstrap", 200),
-                seed=payload.get("seed", 0),
-                extra_targets=payload.get("extra_targets", []),
-            )
+            given = {
+                "loss_points": payload["loss"]["points"],
+                "error_points": payload["error"]["points"],
+                "starts": payload["loss"].get("starts"),
+                "loss_eval": payload["error"].get("loss_eval"),
+                "bootstrap": payload.get("bootstrap"),
+                "seed": payload.get("seed"),
+                "extra_targets": payload.get("extra_targets"),
+            }
         except KeyError as missing:
             raise FitError(
                 f"settings lack {missing}; expected loss.points and error.points"
             ) from None
+        return cls(**{name: value for name, value in given.items() if value is not None})
 
 
 def error_loss_eval(config: dict) -> str:
@@ -178,6 +179,7 @@ def error_loss_eval(config: dict) -> str:
     chosen = config["fit"]["error"].get("loss_eval")
     if chosen:
         return chosen
+    # The released testbed's loss is C4's validation set's, the one the paper fits on.
     return "c4_val" if config.get("released_dir") else config["validation"]["sets"][0]
 
 
@@ -842,25 +844,49 @@ def predict_dataset(
     return pd.DataFrame({name: np.concatenate([f[name] for f in frames]) for name in frames[0]})
 
 
-def fit_dataset(
-    dataset: str, final: pd.DataFrame, settings: Settings
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Fits and predictions of one dataset (its final rows of runs.parquet)."""
+@dataclass(frozen=True)
+class DatasetFits:
+    """Both laws fitted on one dataset's final runs, and which runs they were fitted on."""
+
+    runs: Runs
+    loss_points: np.ndarray
+    loss_fits: dict[tuple[str, str], Fitted]
+    error_points: np.ndarray
+    error_fits: dict[str, Fitted]
+
+
+def fit_laws(dataset: str, final: pd.DataFrame, settings: Settings) -> DatasetFits:
+    """The loss law of every form and validation set, and the error law of every task group
+    on the loss of ``settings.loss_eval``, each with its bootstrap replicates.
+
+    The fit stage and the planner both fit here, so a plan's intervals are the fit stage's.
+    """
     runs = Runs.from_rows(dataset, final)
+    loss_eval = settings.loss_eval
+    needed = loss_eval is not None or runs.evals("error")
+    if needed and loss_eval not in runs.evals("loss"):
+        raise FitError(
+            f"{dataset}: no loss evaluation {loss_eval!r} (error.loss_eval, the loss the "
+            f"error law is fitted on); available: {runs.evals('loss')}"
+        )
     rng = np.random.default_rng([settings.seed, zlib.crc32(dataset.encode())])
     loss_points = runs.select(settings.loss_points, "loss")
     loss_fits, loss_samples = fit_loss_laws(runs, loss_points, settings, rng)
-    error_fits, error_points, loss_eval = {}, np.zeros_like(loss_points), settings.loss_eval
+    error_fits, error_points = {}, np.zeros_like(loss_points)
     if runs.evals("error"):
-        if loss_eval not in runs.evals("loss"):
-            raise FitError(
-                f"{dataset}: the error law needs error.loss_eval, the loss evaluation it is "
-                f"fitted on; got {loss_eval!r}, available: {runs.evals('loss')}"
-            )
         error_points = runs.select(settings.error_points, "error")
         error_fits = fit_error_laws(
             runs, error_points, loss_eval, loss_samples[loss_eval], settings, rng
         )
+    return DatasetFits(runs, loss_points, loss_fits, error_points, error_fits)
+
+
+def fit_dataset(
+    dataset: str, final: pd.DataFrame, settings: Settings
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Fits and predictions of one dataset (its final rows of runs.parquet)."""
+    fits = fit_laws(dataset, final, settings)
+    runs, loss_fits, error_fits = fits.runs, fits.loss_fits, fits.error_fits
     untrained = pd.DataFrame(
         [target for target in settings.extra_targets if target["dataset"] == dataset],
         columns=["size", "N", "M", "D"],
@@ -869,10 +895,10 @@ def fit_dataset(
     targets = pd.concat([runs.table, untrained[runs.table.columns]], ignore_index=True)
     padding = np.zeros(untrained_count, dtype=bool)
     roles = {
-        "loss": np.concatenate([loss_points, padding]),
-        "error": np.concatenate([error_points, padding]),
+        "loss": np.concatenate([fits.loss_points, padding]),
+        "error": np.concatenate([fits.error_points, padding]),
     }
-    predictions = predict_dataset(runs, targets, roles, loss_fits, error_fits, loss_eval)
+    predictions = predict_dataset(runs, targets, roles, loss_fits, error_fits, settings.loss_eval)
     fitted = {**{f"{form} {name}": fit for (form, name), fit in loss_fits.items()}, **error_fits}
     for name, fit in fitted.items():
         failed = int(np.isnan(fit.replicates).any(axis=1).sum())

@@ -22,23 +22,17 @@ import json
 import math
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import yaml
 from scipy.optimize import minimize_scalar
 
 from workflow import laws
 from workflow.config import validate_config
-from workflow.fit import (
-    FitError,
-    Runs,
-    Settings,
-    fit_error_laws,
-    fit_loss_laws,
-    settings_payload,
-)
+from workflow.fit import FitError, Settings, fit_laws, settings_payload
 from workflow.runs import ConfigError
 from workflow.tables import read_runs_table
 
@@ -107,25 +101,22 @@ def interval(values: np.ndarray) -> tuple[float, float]:
 
 
 def plan(
-    runs_table,
+    runs_table: pd.DataFrame,
     settings: Settings,
     dataset: str,
     eval_name: str,
     budget: float,
     inference_tokens: float = 0.0,
 ) -> Plan:
-    """Fit the laws on ``dataset``'s final runs and recommend (N, M) for ``budget``."""
+    """Fit the laws on ``dataset``'s final runs and recommend (N, M) for ``budget``; the loss
+    is ``eval_name``'s, and the error law is fitted on it, so the chain is one."""
     final = runs_table[runs_table["final"].astype(bool) & (runs_table["dataset"] == dataset)]
     if final.empty:
         datasets = sorted(runs_table["dataset"].unique())
         raise FitError(f"no final runs of dataset {dataset!r}; datasets: {datasets}")
-    runs = Runs.from_rows(dataset, final)
-    if eval_name not in runs.evals("loss"):
-        raise FitError(f"no loss evaluation {eval_name!r}; available: {runs.evals('loss')}")
-    rng = np.random.default_rng(settings.seed)
-    loss_points = runs.select(settings.loss_points, "loss")
-    loss_fits, samples = fit_loss_laws(runs, loss_points, settings, rng)
-    fitted = loss_fits[("paper", eval_name)]
+    fits = fit_laws(dataset, final, replace(settings, loss_eval=eval_name))
+    runs = fits.runs
+    fitted = fits.loss_fits[("paper", eval_name)]
 
     n_params = best_size(fitted.params, budget, inference_tokens)
     tokens = float(tokens_for(np.array(n_params), budget, inference_tokens))
@@ -144,12 +135,8 @@ def plan(
     )
 
     group, error, error_ci = None, None, None
-    if runs.evals("error"):
-        group = runs.evals("error")[0]
-        error_points = runs.select(settings.error_points, "error")
-        error_fit = fit_error_laws(
-            runs, error_points, eval_name, samples[eval_name], settings, rng
-        )[group]
+    if fits.error_fits:
+        group, error_fit = next(iter(fits.error_fits.items()))
         error = float(laws.error(loss, *error_fit.params))
         ok = np.isfinite(fitted.replicates).all(axis=1) & np.isfinite(error_fit.replicates).all(
             axis=1
@@ -160,7 +147,7 @@ def plan(
         ]
         error_ci = interval(np.array(replicate_error))
 
-    fit_runs = runs.table[loss_points]
+    fit_runs = runs.table[fits.loss_points]
     largest_fit = float(laws.compute(fit_runs["N"], fit_runs["D"]).max())
     return Plan(
         dataset=dataset,

@@ -121,7 +121,17 @@ def _prediction(axis, x: float, y: float, low: float, high: float) -> None:
     )
 
 
-def loss_panel(axis, runs, predictions, fits, dataset, loss_eval, style) -> None:
+def _loss_panel(
+    axis: plt.Axes,
+    runs: pd.DataFrame,
+    predictions: pd.DataFrame,
+    fits: pd.DataFrame,
+    dataset: str,
+    loss_eval: str,
+    style: Style,
+) -> None:
+    """Loss vs compute C = 6ND: one fitted curve per M (solid over the fit points, dashed
+    beyond), the runs' measured losses and each target's prediction with its interval."""
     E, a, b, eta = _params(fits, dataset, "loss", loss_eval, laws.LOSS_PARAMS)
     rows = predictions[(predictions["quantity"] == "loss") & (predictions["eval"] == loss_eval)]
     paper = rows[rows["form"] == "paper"]
@@ -191,7 +201,17 @@ def _formula_box(axis, text: str) -> None:
     axis.grid(which="major", alpha=0.3)
 
 
-def error_panel(axis, predictions, fits, dataset, group, loss_eval, style) -> None:
+def _error_panel(
+    axis: plt.Axes,
+    predictions: pd.DataFrame,
+    fits: pd.DataFrame,
+    dataset: str,
+    group: str,
+    loss_eval: str,
+    style: Style,
+) -> None:
+    """A task group's average error vs the loss of ``loss_eval``: the fitted error law, the
+    runs' measurements and the targets' errors predicted from their predicted loss."""
     epsilon, k, gamma = _params(fits, dataset, "error", group, laws.ERROR_PARAMS)
     errors = predictions[(predictions["quantity"] == "error") & (predictions["eval"] == group)]
     losses = predictions[(predictions["quantity"] == "loss") & (predictions["eval"] == loss_eval)]
@@ -286,9 +306,9 @@ def plot(
     for column, dataset in enumerate(datasets):
         mine = predictions[predictions["dataset"] == dataset]
         trained = runs[runs["dataset"] == dataset]
-        loss_panel(axes[0, column], trained, mine, fits, dataset, loss_eval, style)
+        _loss_panel(axes[0, column], trained, mine, fits, dataset, loss_eval, style)
         for row, group in enumerate(groups, start=1):
-            error_panel(axes[row, column], mine, fits, dataset, group, loss_eval, style)
+            _error_panel(axes[row, column], mine, fits, dataset, group, loss_eval, style)
     colourbar = figure.colorbar(
         plt.cm.ScalarMappable(norm=style.norm, cmap=COLOURS), ax=axes, fraction=0.02, pad=0.01
     )

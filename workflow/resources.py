@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
 from workflow.config import validate_config
-from workflow.runs import Run, trained_runs
+from workflow.runs import ConfigError, Run, trained_runs
 
 # Resources every derivation returns: sbatch -t (minutes), --mem (MB) and --gpus.
 RESOURCE_NAMES = ("runtime", "mem_mb", "gpu")
@@ -129,6 +130,31 @@ def downstream_resources(config: dict, run: Run, attempt: int = 1) -> dict[str, 
     }
 
 
+def job_gpus(resources: Mapping) -> int:
+    """GPUs a job was given, as the Slurm executor asks for them: its ``gpu`` resource, or,
+    for a profile that asks by generic resources (``gres: gpu:N`` with ``gpu: 0``), the count
+    in ``gres`` (``gpu``, ``gpu:N`` or ``gpu:MODEL:N``; Slurm's count defaults to 1)."""
+    if resources.get("gpu"):
+        return int(resources["gpu"])
+    gpus = 0
+    for entry in str(resources.get("gres") or "").split(","):
+        fields = entry.strip().split(":")
+        if fields[0] == "gpu":
+            gpus += int(fields[-1]) if len(fields) > 1 and fields[-1].isdigit() else 1
+    return gpus
+
+
+def launch_command(n_processes: int) -> str:
+    """The program a training job starts ``-m workflow.train`` with: one process per GPU.
+
+    ``--standalone`` lets torchrun pick a free rendezvous port on the node, so several jobs
+    can share one machine.
+    """
+    if n_processes <= 1:
+        return "python"
+    return f"torchrun --standalone --nproc_per_node {n_processes}"
+
+
 def rule_resources(
     derive: ResourceFunction, config: dict, run_of: Callable[[object], Run]
 ) -> dict[str, Callable]:
@@ -190,8 +216,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Estimated training cost of a config's grid.")
     parser.add_argument("--configfile", default="config.yaml")
     args = parser.parse_args(argv)
-    config = yaml.safe_load(Path(args.configfile).read_text())
-    validate_config(config)
+    try:
+        config = validate_config(yaml.safe_load(Path(args.configfile).read_text()))
+    except (ConfigError, FileNotFoundError) as error:
+        sys.exit(f"workflow.resources: {error}")
     table = cost_table(config)
     print(
         table.to_string(

@@ -91,6 +91,7 @@ def model_shape(config: dict, size: str) -> dict:
 
 
 def size_parameters(config: dict, size: str) -> int:
+    """N of a size: every parameter of its shape, both embedding matrices included."""
     shape = model_shape(config, size)
     return count_parameters(
         shape["d_model"], shape["n_layers"], shape["vocab_size"], shape["ffn_hidden"]
@@ -104,6 +105,7 @@ def checkpoint_steps(total_steps: int, n_checkpoints: int) -> tuple[int, ...]:
 
 
 def make_run(config: dict, dataset: str, size: str, multiplier: float, trained: bool) -> Run:
+    """The Run of (dataset, size, M): its D = M x N tokens, steps and checkpoint steps."""
     n_params = size_parameters(config, size)
     spec = config["sizes"][size]
     tokens_per_step = spec["batch_size"] * spec["context_length"]
@@ -151,21 +153,6 @@ def untrained_targets(config: dict) -> list[Run]:
     ]
 
 
-def run_table(config: dict) -> list[dict]:
-    """Every run the fit stage knows of, trained or not, as plain records."""
-    return [
-        {
-            "dataset": run.dataset,
-            "size": run.size,
-            "N": run.n_params,
-            "M": run.multiplier,
-            "D": run.tokens,
-            "trained": run.trained,
-        }
-        for run in trained_runs(config) + untrained_targets(config)
-    ]
-
-
 def check_config(config: dict) -> None:
     """Checks the JSON Schema cannot express; raises ConfigError naming the key."""
     sizes = config["sizes"]
@@ -203,6 +190,20 @@ def check_config(config: dict) -> None:
                         f"fit.{law}.points.{size}: M={multiplier} is not trained in 'grid'; "
                         f"trained runs: {sorted(trained)}"
                     )
+    loss_eval = config["fit"]["error"].get("loss_eval")
+    validation_sets = config["validation"]["sets"]
+    if loss_eval and not config.get("released_dir") and loss_eval not in validation_sets:
+        raise ConfigError(
+            f"fit.error.loss_eval: {loss_eval!r} is not a validation set; "
+            f"allowed: {validation_sets} (validation.sets)"
+        )
+    for size, gpus in config["cluster"]["gpus"].items():
+        batch_size = sizes.get(size, {}).get("batch_size")
+        if config["train"]["device"] != "cpu" and batch_size and batch_size % gpus:
+            raise ConfigError(
+                f"sizes.{size}.batch_size: {batch_size} sequences do not split evenly over "
+                f"cluster.gpus.{size} = {gpus} processes; use a multiple of {gpus}"
+            )
     by_size = {
         "fit.predict": config["fit"].get("predict", {}),
         "cluster.tokens_per_second": config["cluster"]["tokens_per_second"],

@@ -73,9 +73,18 @@ IGNORE_INDEX = -100
 # Rows of logits the fused output loss materialises at once: about 4 MB of fp32 logits stays in
 # a CPU's cache; on a GPU larger chunks only need to bound memory (V = 50k: 1,300 rows).
 LOSS_CHUNK_ELEMENTS = {"cpu": 2**20, "cuda": 2**26}
-# How a run is computed, not what: speed and memory settings (``--engine``, default off / DDP).
-# A run may resume under other values: the resume state holds whole, unsharded tensors.
-ENGINE_KEYS = ("compile", "activation_checkpointing", "parallelism", "peak_tflops")
+# How a run is computed, not what: speed and memory settings and how often the resume state
+# is written (``--engine``, default off / DDP). A run may resume under other values: the
+# resume state holds whole, unsharded tensors.
+# Defaults for a spec run by hand; the pipeline passes every key from the config.
+ENGINE_DEFAULTS = {
+    "compile": False,
+    "activation_checkpointing": False,
+    "parallelism": "ddp",
+    "peak_tflops": None,
+    "resume_every": 100,
+}
+ENGINE_KEYS = tuple(ENGINE_DEFAULTS)
 SPEC_KEYS_NOT_HASHED = ("threads", *ENGINE_KEYS)
 # Dense bf16 peak TFLOP/s by GPU name (first match), for the MFU of the log when the spec
 # gives no peak_tflops.
@@ -592,6 +601,7 @@ def train(spec: dict, data_dir: str | Path, tokenizer_dir: str | Path, out_dir: 
 
     Under torchrun every process calls this; they join each other here.
     """
+    spec = {**ENGINE_DEFAULTS, **spec}
     processes = processes_from_environment()
     device = resolve_device(spec.get("device", "auto"), processes.local_rank)
     with communication(processes, device) as comm:
@@ -717,11 +727,13 @@ def train_processes(
         "spec_hash": identity,
     }
     if processes.is_main:
-        with atomic_path(run_dir / "checkpoints") as temporary:
-            os.replace(checkpoint_dir, temporary)
+        # The checkpoints leave work/ last: until they do, a kill leaves the resume state
+        # and its checkpoints together, and the re-run resumes instead of starting over.
         with atomic_path(run_dir / "curve.parquet") as temporary:
             pd.DataFrame(progress.curve).to_parquet(temporary, index=False)
         write_json(run_dir / "train.json", summary)
+        with atomic_path(run_dir / "checkpoints") as temporary:
+            os.replace(checkpoint_dir, temporary)
         shutil.rmtree(work_dir)
         log(
             f"{run}: done, final loss {summary['final_loss']:.4f}, "
