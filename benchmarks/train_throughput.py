@@ -24,6 +24,7 @@ import torch
 from workflow.distributed import SINGLE_PROCESS
 from workflow.runs import count_parameters, ffn_hidden_size
 from workflow.train import (
+    ENGINE_DEFAULTS,
     Batch,
     build_trainer,
     flops_per_token,
@@ -111,6 +112,7 @@ def measure(
         "weight_decay": 0.033,
         "z_loss": 1e-4,
         "grad_clip": 1.0,
+        **ENGINE_DEFAULTS,
         **options,
     }
     torch.manual_seed(0)

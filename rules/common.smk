@@ -136,9 +136,9 @@ def curve_runs():
                 "size": run.size,
                 "N": run.n_params,
                 "M": run.multiplier,
-                "curve": out("runs", run.key, "curve.parquet"),
+                "curve": curve_file,
             }
-            for run in trained_runs(config)
+            for run, curve_file in zip(trained_runs(config), curve_files(), strict=True)
         ]
     )
 

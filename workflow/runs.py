@@ -197,13 +197,6 @@ def check_config(config: dict) -> None:
             f"fit.error.loss_eval: {loss_eval!r} is not a validation set; "
             f"allowed: {validation_sets} (validation.sets)"
         )
-    for size, gpus in config["cluster"]["gpus"].items():
-        batch_size = sizes.get(size, {}).get("batch_size")
-        if config["train"]["device"] != "cpu" and batch_size and batch_size % gpus:
-            raise ConfigError(
-                f"sizes.{size}.batch_size: {batch_size} sequences do not split evenly over "
-                f"cluster.gpus.{size} = {gpus} processes; use a multiple of {gpus}"
-            )
     by_size = {
         "fit.predict": config["fit"].get("predict", {}),
         "cluster.tokens_per_second": config["cluster"]["tokens_per_second"],
@@ -213,6 +206,13 @@ def check_config(config: dict) -> None:
         for size in mapping:
             if size not in sizes:
                 raise ConfigError(f"{key}.{size}: unknown size; allowed: {sorted(sizes)}")
+    for size, gpus in config["cluster"]["gpus"].items():
+        batch_size = sizes[size]["batch_size"]
+        if config["train"]["device"] != "cpu" and batch_size % gpus:
+            raise ConfigError(
+                f"sizes.{size}.batch_size: {batch_size} sequences do not split evenly over "
+                f"cluster.gpus.{size} = {gpus} processes; use a multiple of {gpus}"
+            )
     downstream = config["downstream"]
     if downstream["suite"] == "offline" and not downstream["tasks"]:
         raise ConfigError(

@@ -76,7 +76,8 @@ LOSS_CHUNK_ELEMENTS = {"cpu": 2**20, "cuda": 2**26}
 # How a run is computed, not what: speed and memory settings and how often the resume state
 # is written (``--engine``, default off / DDP). A run may resume under other values: the
 # resume state holds whole, unsharded tensors.
-# Defaults for a spec run by hand; the pipeline passes every key from the config.
+# Defaults for a spec run by hand (``train`` and the benchmark fill them in); the pipeline
+# passes every key from the config.
 ENGINE_DEFAULTS = {
     "compile": False,
     "activation_checkpointing": False,
@@ -388,7 +389,7 @@ def check_run(spec: dict, shards: TokenShards, steps: int, processes: Processes)
             f"{run}: a batch of {spec['batch_size']} sequences does not split evenly over "
             f"{processes.world_size} processes; use a batch size divisible by the GPU count"
         )
-    if spec.get("parallelism", "ddp") not in PARALLELISMS:
+    if spec["parallelism"] not in PARALLELISMS:
         raise TrainError(f"{run}: parallelism must be one of {PARALLELISMS}")
 
 
@@ -420,15 +421,15 @@ def build_trainer(spec: dict, device: torch.device, processes: Processes) -> Tra
     """
     model = build_model(spec["shape"])
     check_parameter_count(spec, model)
-    model.set_activation_checkpointing(spec.get("activation_checkpointing", False))
+    model.set_activation_checkpointing(spec["activation_checkpointing"])
     model.to(device)
-    if spec.get("compile"):
+    if spec["compile"]:
         model.compile_blocks()
     objective = wrap(
         TrainingObjective(model, spec["z_loss"]),
         model.blocks,
         processes,
-        spec.get("parallelism", "ddp"),
+        spec["parallelism"],
     )
     settings = StepSettings(
         micro_batch_size=spec.get("micro_batch_size") or spec["batch_size"] // processes.world_size,
@@ -641,7 +642,7 @@ def train_processes(
     torch.manual_seed(spec["seed"])
     np.random.seed(spec["seed"])
     trainer = build_trainer(spec, device, processes)
-    peak = peak_tflops(device, spec.get("peak_tflops"))
+    peak = peak_tflops(device, spec["peak_tflops"])
 
     identity = spec_hash(spec)
     state = load_resume_state(resume_path, identity, checkpoint_dir, spec)
@@ -657,7 +658,7 @@ def train_processes(
         if processes.is_main:
             log(f"{run}: resuming at step {progress.step}/{steps} from {resume_path}")
     if processes.is_main:
-        sharing = f" ({spec.get('parallelism', 'ddp')})" if processes.distributed else ""
+        sharing = f" ({spec['parallelism']})" if processes.distributed else ""
         log(
             f"{run}: {spec['n_params']:,} parameters, {tokens:,} tokens in {steps} steps of "
             f"{tokens_per_step:,} on {processes.world_size} x {device.type}{sharing} "
