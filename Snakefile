@@ -31,6 +31,10 @@ if config["released_dir"]:
 
     include: "rules/released.smk"
 
+elif config["results_table"]:
+
+    include: "rules/ingest.smk"
+
 else:
 
     include: "rules/prepare.smk"

@@ -6,9 +6,10 @@ Rules never build paths inline; they call the functions here, which read the run
 
 import json
 import os
+import sys
 
-from workflow.config import validate_config
-from workflow.fit import error_loss_eval, settings_payload
+from workflow.config import unusual_cost, validate_config
+from workflow.paths import RUN_PATTERN, Layout, checkpoint_path
 from workflow.resources import (
     downstream_resources,
     evaluate_resources,
@@ -17,14 +18,21 @@ from workflow.resources import (
     rule_resources,
     train_resources,
 )
-from workflow.runs import (
-    find_run,
-    model_shape,
-    results_path,
-    trained_runs,
+from workflow.runs import find_run, trained_runs
+from workflow.settings import (
+    JsonSettings,
+    engine_settings,
+    error_loss_eval,
+    fit_settings,
+    ingest_settings,
+    measured_elsewhere,
+    run_spec,
 )
 
 validate_config(config)
+layout = Layout(config["results_dir"])
+if note := unusual_cost(config):
+    print(note, file=sys.stderr)
 
 
 wildcard_constraints:
@@ -35,16 +43,19 @@ wildcard_constraints:
     step=r"[0-9]{6}[0-9]*",  # zero-padded to six digits; paper-scale runs take millions of steps
 
 
-RUN_DIR = "{dataset}/{size}/M{multiplier}"
+RUN_DIR = RUN_PATTERN
 
 
 def out(*parts):
     """A path under the configured results directory."""
-    return results_path(config, *parts)
+    return layout.path(*parts)
 
 
 def as_json(payload):
-    """Params travel to the stage as one JSON argument (quoted with :q in the shell line)."""
+    """Params travel to the stage as one JSON argument (quoted with :q in the shell line);
+    typed settings (workflow.settings) as their own JSON."""
+    if isinstance(payload, JsonSettings):
+        return payload.to_json()
     return json.dumps(payload, sort_keys=True)
 
 
@@ -61,7 +72,7 @@ def validation_sets():
 def loss_eval_files():
     """Every (run, checkpoint, validation set) loss JSON of the grid."""
     return [
-        out("eval", run.key, f"step{step:06d}", f"loss-{valset}.json")
+        layout.loss_eval(run.key, step, valset)
         for run in trained_runs(config)
         for step in run.checkpoint_steps
         for valset in validation_sets()
@@ -75,12 +86,12 @@ def suite_name():
 
 def suite_dir():
     """The suite's task files and manifest (rule build_suite)."""
-    return out("suites", suite_name())
+    return layout.suite(suite_name())
 
 
 def hf_home():
     """lm-eval's dataset cache, inside the results (the paper suite's downloads land here)."""
-    return out("hf_home")
+    return layout.hf_home()
 
 
 def suite_sources():
@@ -88,7 +99,7 @@ def suite_sources():
     if suite_name() != "offline":
         return {}
     return {
-        task["source"]: out("corpus", task["source"], "val.jsonl")
+        task["source"]: layout.corpus_split(task["source"], "val")
         for task in config["downstream"]["tasks"].values()
     }
 
@@ -113,7 +124,7 @@ def downstream_eval_files():
         return []
     every = config["downstream"]["checkpoints"] == "all"
     return [
-        out("eval", run.key, f"step{step:06d}", f"downstream-{suite_name()}.json")
+        layout.downstream_summary(run.key, step, suite_name())
         for run in trained_runs(config)
         for step in (run.checkpoint_steps if every else [run.steps])
     ]
@@ -121,10 +132,10 @@ def downstream_eval_files():
 
 def final_targets():
     """What `snakemake` with no target builds: the predictions and what a reader looks at."""
-    figures = [out("plots", "scaling.png"), out("plots", "targets.html")]
-    if not config["released_dir"]:
-        figures.append(out("plots", "curves.png"))
-    return [out("predictions.parquet"), out("fits.parquet"), *figures]
+    figures = [layout.plot("scaling.png"), layout.plot("targets.html")]
+    if not measured_elsewhere(config):
+        figures.append(layout.plot("curves.png"))
+    return [layout.predictions(), layout.fits(), *figures]
 
 
 def curve_runs():
@@ -145,56 +156,18 @@ def curve_runs():
 
 def curve_files():
     """Every trained run's training curve (the report's curves figure reads them)."""
-    return [out("runs", run.key, "curve.parquet") for run in trained_runs(config)]
+    return [layout.curve(run.key) for run in trained_runs(config)]
 
 
 def train_spec(run):
     """Everything that determines a run's result; a change to it re-runs that run only."""
-    size = config["sizes"][run.size]
-    train = config["train"]
-    return {
-        "run": run.key,
-        "shape": model_shape(config, run.size),
-        "n_params": run.n_params,
-        "tokens": run.tokens,
-        "checkpoint_steps": list(run.checkpoint_steps),
-        **{
-            key: size[key]
-            for key in (
-                "batch_size",
-                "micro_batch_size",
-                "lr",
-                "warmup",
-                "weight_decay",
-                "min_lr",
-            )
-        },
-        **{
-            key: train[key]
-            for key in (
-                "z_loss",
-                "beta1",
-                "beta2",
-                "grad_clip",
-                "seed",
-                "device",
-                "log_every",
-            )
-        },
-    }
+    return run_spec(config, run)
 
 
 def train_engine(run):
     """How a run is computed (speed and memory), apart from train_spec, which holds what
     determines its result; a killed run resumes under other values of these."""
-    size = config["sizes"][run.size]
-    return {
-        "activation_checkpointing": size["activation_checkpointing"],
-        "parallelism": size["parallelism"],
-        "compile": config["train"]["compile"],
-        "peak_tflops": config["train"]["peak_tflops"],
-        "resume_every": config["train"]["resume_every"],
-    }
+    return engine_settings(config, run)
 
 
 def checkpoint_identity(run, step):
@@ -214,7 +187,7 @@ def checkpoint_identity(run, step):
 def tokenizer_inputs(wildcards):
     """The corpus a trained tokenizer learns from; none for a named pretrained one."""
     train_on = config["tokenizer"]["train_on"]
-    return [out("corpus", train_on, "train.jsonl")] if train_on else []
+    return [layout.corpus_split(train_on, "train")] if train_on else []
 
 
 def tokenizer_command(wildcards, input):
@@ -224,6 +197,11 @@ def tokenizer_command(wildcards, input):
     return f"pretrained --name {config['tokenizer']['pretrained']}"
 
 
-def fit_settings():
+def ingest_settings_json():
+    """What the ingest of a results table needs from config, as one JSON argument."""
+    return ingest_settings(config).to_json()
+
+
+def fit_settings_json():
     """Everything the fit stage needs from config, as one JSON argument."""
-    return as_json(settings_payload(config))
+    return fit_settings(config).to_json()

@@ -1,22 +1,21 @@
 rule fit:
-    """Both forms of the loss law and the error law; every run predicted with a 95% interval."""
-    localrule: True
     input:
-        out("runs.parquet"),
+        layout.runs_table(),
     output:
-        predictions=out("predictions.parquet"),
-        fits=out("fits.parquet"),
-    params:
-        settings=fit_settings(),
-    threads: 2
+        predictions=layout.predictions(),
+        fits=layout.fits(),
     log:
-        out("logs", "fit.log"),
+        layout.log("fit"),
     benchmark:
-        out("benchmarks", "fit.tsv")
+        layout.benchmark("fit")
+    """Every law form fitted per dataset; every run predicted with a 95% interval."""
+    localrule: True
     conda:
         "../envs/fit.yaml"
+    threads: 2
+    params:
+        settings=fit_settings_json(),
     shell:
         "python -m workflow.fit --runs {input} --settings {params.settings:q}"
         " --workers {threads} --predictions {output.predictions} --fits {output.fits}"
         " > {log} 2>&1"
-

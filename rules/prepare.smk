@@ -1,18 +1,18 @@
 rule prepare:
     """Build one dataset's documents and split them into train and validation."""
     output:
-        train=out("corpus", "{dataset}", "train.jsonl"),
-        val=out("corpus", "{dataset}", "val.jsonl"),
-        manifest=out("corpus", "{dataset}", "manifest.json"),
+        train=layout.corpus_split("{dataset}", "train"),
+        val=layout.corpus_split("{dataset}", "val"),
+        manifest=layout.corpus_manifest("{dataset}"),
     params:
         source=lambda wildcards: as_json(config["datasets"][wildcards.dataset]["source"]),
         val_fraction=lambda wildcards: config["datasets"][wildcards.dataset]["val_fraction"],
-        out_dir=lambda wildcards, output: os.path.dirname(output.manifest),
-        cache_dir=out("sources"),
+        out_dir=lambda wildcards: layout.corpus(wildcards.dataset),
+        cache_dir=layout.sources_cache(),
     log:
-        out("logs", "prepare", "{dataset}.log"),
+        layout.log("prepare", "{dataset}"),
     benchmark:
-        out("benchmarks", "prepare", "{dataset}.tsv")
+        layout.benchmark("prepare", "{dataset}")
     conda:
         "../envs/data.yaml"
     shell:

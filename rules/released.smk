@@ -4,12 +4,12 @@ rule ingest_released:
     input:
         config["released_dir"],
     output:
-        runs=out("runs.parquet"),
-        groups=out("error_groups.json"),
+        runs=layout.runs_table(),
+        groups=layout.error_groups(),
     log:
-        out("logs", "ingest_released.log"),
+        layout.log("ingest_released"),
     benchmark:
-        out("benchmarks", "ingest_released.tsv")
+        layout.benchmark("ingest_released")
     conda:
         "../envs/fit.yaml"
     shell:

@@ -3,78 +3,78 @@ marked report() here into one self-contained page (captions in report/)."""
 
 
 rule plot:
-    """Loss against compute per dataset, and error against loss, as in the paper's Figure 1."""
-    localrule: True
     input:
-        runs=out("runs.parquet"),
-        predictions=out("predictions.parquet"),
-        fits=out("fits.parquet"),
+        runs=layout.runs_table(),
+        predictions=layout.predictions(),
+        fits=layout.fits(),
     output:
         report(
-            out("plots", "scaling.png"),
+            layout.plot("scaling.png"),
             caption="../report/scaling.rst",
             category="Scaling laws",
             labels={"figure": "loss vs compute; error vs loss"},
         ),
-    params:
-        loss_eval=error_loss_eval(config),
     log:
-        out("logs", "plot.log"),
+        layout.log("plot"),
     benchmark:
-        out("benchmarks", "plot.tsv")
+        layout.benchmark("plot")
+    """Loss against compute per dataset, and error against loss, as in the paper's Figure 1."""
+    localrule: True
     conda:
         "../envs/fit.yaml"
+    params:
+        loss_eval=error_loss_eval(config),
     shell:
         "python -m workflow.plots --runs {input.runs} --predictions {input.predictions}"
         " --fits {input.fits} --loss-eval {params.loss_eval} --out {output} > {log} 2>&1"
 
 
 rule target_table:
-    """Every measured target's prediction, interval, actual value and relative error."""
-    localrule: True
     input:
-        out("predictions.parquet"),
+        layout.predictions(),
     output:
         report(
-            out("plots", "targets.html"),
+            layout.plot("targets.html"),
             caption="../report/targets.rst",
             category="Scaling laws",
             labels={"figure": "relative errors of the targets"},
         ),
-    params:
-        loss_eval=error_loss_eval(config),
     log:
-        out("logs", "target_table.log"),
+        layout.log("target_table"),
     benchmark:
-        out("benchmarks", "target_table.tsv")
+        layout.benchmark("target_table")
+    """Every measured target's prediction, interval, actual value and relative error."""
+    localrule: True
     conda:
         "../envs/fit.yaml"
+    params:
+        loss_eval=error_loss_eval(config),
     shell:
         "python -m workflow.targets --predictions {input} --loss-eval {params.loss_eval}"
         " --out {output} > {log} 2>&1"
 
 
-if not config["released_dir"]:
+if not measured_elsewhere(config):
 
     rule plot_curves:
-        """Every run's training loss against tokens: where a diverged or cut-short run shows."""
-        localrule: True
         input:
             curve_files(),
         output:
             report(
-                out("plots", "curves.png"),
+                layout.plot("curves.png"),
                 caption="../report/curves.rst",
                 category="Training",
                 labels={"figure": "training curves"},
             ),
-        params:
-            runs=curve_runs(),
         log:
-            out("logs", "plot_curves.log"),
+            layout.log("plot_curves"),
         benchmark:
-            out("benchmarks", "plot_curves.tsv")
+            layout.benchmark("plot_curves")
+        """Every run's training loss against tokens: where a diverged or cut-short run shows."""
+        localrule: True
         conda:
             "../envs/fit.yaml"
+        params:
+            runs=curve_runs(),
         shell:
             "python -m workflow.curves --runs {params.runs:q} --out {output} > {log} 2>&1"

@@ -3,15 +3,15 @@ rule tokenizer:
     input:
         tokenizer_inputs,
     output:
-        directory(out("tokenizer")),
+        directory(layout.tokenizer()),
     params:
         command=tokenizer_command,
         vocab_size=config["tokenizer"]["vocab_size"],
     threads: 2
     log:
-        out("logs", "tokenizer.log"),
+        layout.log("tokenizer"),
     benchmark:
-        out("benchmarks", "tokenizer.tsv")
+        layout.benchmark("tokenizer")
     conda:
         "../envs/data.yaml"
     shell:
@@ -23,16 +23,16 @@ rule tokenize:
     """Encode one split as memory-mapped token shards, an end-of-text id after each document."""
     input:
         tokenizer=rules.tokenizer.output,
-        corpus=out("corpus", "{dataset}", "{split}.jsonl"),
+        corpus=layout.corpus_split("{dataset}", "{split}"),
     output:
-        directory(out("tokens", "{dataset}", "{split}")),
+        directory(layout.tokens("{dataset}", "{split}")),
     params:
         shard_tokens=config["tokenizer"]["shard_tokens"],
     threads: 2
     log:
-        out("logs", "tokenize", "{dataset}-{split}.log"),
+        layout.log("tokenize", "{dataset}-{split}"),
     benchmark:
-        out("benchmarks", "tokenize", "{dataset}-{split}.tsv")
+        layout.benchmark("tokenize", "{dataset}-{split}")
     conda:
         "../envs/data.yaml"
     shell:

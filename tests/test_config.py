@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
-import pytest
-from conftest import snakemake
+import copy
+import re
+import subprocess
+import sys
 
-from workflow.config import explain_schema_errors, validate_config
-from workflow.runs import ConfigError, count_parameters, ffn_hidden_size, trained_runs
+import pytest
+from conftest import REPO, snakemake
+
+from workflow.config import (
+    USUAL_CHECKPOINTS_PER_RUN,
+    ConfigError,
+    explain_schema_errors,
+    unusual_cost,
+    validate_config,
+)
+from workflow.runs import count_parameters, ffn_hidden_size, trained_runs
 
 
 def test_default_and_tiny_configs_are_valid(default_config, tiny_config):
@@ -73,6 +84,19 @@ def test_snakemake_fails_before_any_job_with_the_key(tmp_path, default_config):
         (lambda c: c.update(cluster={"gpus": {"xxl": 8}}), "cluster.gpus.xxl: unknown size"),
         (lambda c: c.update(cluster={"gpus": {"xs": 3}}), "sizes.xs.batch_size: 32 .* = 3"),
         (lambda c: c["fit"]["error"].update(loss_eval="c4"), "fit.error.loss_eval: 'c4'"),
+        (
+            lambda c: c["fit"]["loss"]["points"].update(xxs=[20]),
+            r"fit\.loss\.points\.xxs: unknown size; allowed: \['l', 'm', 's', 'xl', 'xs'\]",
+        ),
+        (
+            lambda c: c["sizes"]["l"].update(context_length=1_000_000),
+            r"sizes\.l\.context_length: 1000000 is above validation\.max_tokens \(32768\)",
+        ),
+        (
+            lambda c: c["sizes"]["xs"].update(warmup=100_000),
+            r"sizes\.xs\.warmup: 100000 steps, but run docs_en/xs/M20 trains 193 steps",
+        ),
+        (lambda c: c.update(released_dir="x", results_table="y.csv"), "both set"),
     ],
 )
 def test_semantic_errors_name_the_key(default_config, edit, expected):
@@ -101,3 +125,38 @@ def test_released_preset_without_its_directory_names_released_dir(tmp_path):
     preset["released_dir"] = None
     with pytest.raises(ConfigError, match="released_dir"):
         validate_config(preset)
+
+
+def test_a_number_yaml_reads_as_a_string_says_how_to_write_it(default_config):
+    default_config["sizes"]["xs"]["lr"] = "1e-3"  # what YAML 1.1 makes of `lr: 1e-3`
+    with pytest.raises(ConfigError, match=r"sizes\.xs\.lr: '1e-3' .* write .* e\.g\. 1\.0e-3"):
+        validate_config(default_config)
+
+
+def test_an_unusual_cost_is_said_before_anything_runs(tmp_path, default_config):
+    assert unusual_cost(validate_config(copy.deepcopy(default_config))) is None
+    many = copy.deepcopy(default_config)
+    many["train"]["checkpoints"] = 100_000
+    assert "17,298 evaluation jobs of 8,649 checkpoints" in unusual_cost(validate_config(many))
+    default_config["train"]["checkpoints"] = USUAL_CHECKPOINTS_PER_RUN + 1
+    default_config["downstream"] = {"suite": "none"}
+    result = snakemake("-n", config=default_config, workdir=tmp_path)
+    assert re.search(
+        r"note: this config plans 8 training runs .* [0-9,]+ evaluation jobs", result.stderr
+    )
+
+
+def test_parsing_the_workflow_imports_no_heavy_library():
+    """Snakemake imports the modules rules/common.smk names while it plans; none of them may
+    pull in scipy, pyarrow, pandas or torch."""
+    common = (REPO / "rules" / "common.smk").read_text()
+    modules = sorted(set(re.findall(r"^from (workflow[.\w]*) import", common, re.MULTILINE)))
+    assert "workflow.config" in modules and "workflow.settings" in modules
+    code = (
+        f"import sys, {', '.join(modules)}; "
+        "print(sorted({'scipy', 'pyarrow', 'pandas', 'torch'} & set(sys.modules)))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert loaded.stdout.strip() == "[]"

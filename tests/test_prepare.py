@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from workflow.paths import corpus_file
 from workflow.prepare import (
     document_key,
     file_documents,
@@ -28,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def read_split(directory: Path, split: str) -> list[str]:
-    lines = (directory / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()
+    lines = Path(corpus_file(directory, split)).read_text(encoding="utf-8").splitlines()
     return [json.loads(line)["text"] for line in lines]
 
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from conftest import REPO, load_config
 
-from workflow.config import validate_config
+from workflow.config import ConfigError, validate_config
 from workflow.resources import (
     BASE_MEMORY_MB,
     RESOURCE_NAMES,
@@ -25,7 +25,7 @@ from workflow.resources import (
     rule_resources,
     train_resources,
 )
-from workflow.runs import ConfigError, find_run, trained_runs
+from workflow.runs import find_run, trained_runs
 
 GPU_RULES = ("train", "evaluate_loss", "evaluate_downstream")
 

@@ -13,13 +13,27 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-from workflow.runs import ConfigError, check_config
+from workflow.runs import trained_runs
+
+
+class ConfigError(ValueError):
+    """A config the pipeline cannot run; the message names the key, the value and what is
+    allowed."""
+
 
 SCHEMA_PATH = Path(__file__).with_name("schemas") / "config.schema.yaml"
 
 
 def _location(path) -> str:
     return ".".join(str(part) for part in path) or "(top level)"
+
+
+def _reads_as_number(value: object) -> bool:
+    try:
+        float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return isinstance(value, str)
 
 
 def _describe(error: jsonschema.ValidationError) -> str:
@@ -34,11 +48,21 @@ def _describe(error: jsonschema.ValidationError) -> str:
             f"{where}: {error.instance!r} is not allowed; allowed values: {error.validator_value}"
         )
     if error.validator == "type":
-        return f"{where}: {error.instance!r} has the wrong type; expected {error.validator_value}"
+        expected = error.validator_value
+        message = f"{where}: {error.instance!r} has the wrong type; expected {expected}"
+        if "number" in str(expected) and _reads_as_number(error.instance):
+            message += (
+                f" (YAML reads {error.instance} as a string: write the mantissa with a decimal "
+                "point and the exponent with a sign, e.g. 1.0e-3)"
+            )
+        return message
     if error.validator == "required":
         hint = ""
-        if "then" in error.schema_path:  # required only when released_dir is not set
-            hint = " (or set released_dir, e.g. --config released_dir=PATH/TO/exp_data)"
+        if "then" in error.schema_path:  # required only when the runs are trained here
+            hint = (
+                " (or give results instead: results_table: PATH to a CSV or Parquet table, or "
+                "released_dir: PATH/TO/exp_data)"
+            )
         return f"{where}: {error.message}{hint}"
     if error.validator == "oneOf" and error.context:
         deepest = max(error.context, key=lambda sub: len(sub.absolute_path))
@@ -71,6 +95,170 @@ def validate_config(config: dict, schema_path: str | Path = SCHEMA_PATH) -> dict
         validate(config, str(schema_path))
     except WorkflowError as error:
         raise ConfigError(explain_schema_errors(config, schema_path)) from error
-    if not config["released_dir"]:
+    if config["released_dir"] and config["results_table"]:
+        raise ConfigError(
+            f"released_dir ({config['released_dir']!r}) and results_table "
+            f"({config['results_table']!r}) are both set; give one source of results"
+        )
+    if config["results_table"]:
+        check_results_table(config)
+    elif not config["released_dir"]:
         check_config(config)
     return config
+
+
+def check_results_table(config: dict) -> None:
+    """A results table exists, and the error law's x is named; its contents are checked by
+    the ingest stage (workflow.ingest), the first job."""
+    table = Path(config["results_table"])
+    if not table.is_file():
+        raise ConfigError(f"results_table: {str(table)!r} is not a file")
+    if table.suffix.lower() not in (".csv", ".tsv", ".parquet"):
+        raise ConfigError(
+            f"results_table: {str(table)!r} has suffix {table.suffix!r}; allowed: .csv, .tsv, "
+            ".parquet"
+        )
+    if config["columns"] is None and not config["fit"]["error"]["loss_eval"]:
+        raise ConfigError(
+            "fit.error.loss_eval: required with a long-layout results_table: the loss the "
+            "error law is fitted on and the figures show (one of the table's loss evals)"
+        )
+    if config["fit"]["predict"]:
+        raise ConfigError(
+            "fit.predict: names sizes of the config's `sizes`, which a results table has not; "
+            "every run of the table that is not a fit point is a target"
+        )
+
+
+def check_config(config: dict) -> None:
+    """Checks the JSON Schema cannot express; raises ConfigError naming the key."""
+    sizes = config["sizes"]
+    datasets = config["datasets"]
+    for name, spec in sizes.items():
+        if spec["d_model"] % spec["n_heads"]:
+            raise ConfigError(
+                f"sizes.{name}: d_model ({spec['d_model']}) must be divisible by "
+                f"n_heads ({spec['n_heads']})"
+            )
+        if (spec["d_model"] // spec["n_heads"]) % 2:
+            raise ConfigError(f"sizes.{name}: the head width d_model/n_heads must be even (RoPE)")
+    for dataset, grid in config["grid"].items():
+        if dataset not in datasets:
+            raise ConfigError(
+                f"grid.{dataset}: unknown dataset; allowed: {sorted(datasets)} (keys of 'datasets')"
+            )
+        for size in grid:
+            if size not in sizes:
+                raise ConfigError(
+                    f"grid.{dataset}.{size}: unknown size; "
+                    f"allowed: {sorted(sizes)} (keys of 'sizes')"
+                )
+    for name in config["validation"]["sets"]:
+        if name not in datasets:
+            raise ConfigError(
+                f"validation.sets: unknown dataset {name!r}; allowed: {sorted(datasets)}"
+            )
+    runs = trained_runs(config)
+    _check_steps(config, runs)
+    trained = {(run.size, run.multiplier) for run in runs}
+    for law in ("loss", "error"):
+        for size, multipliers in config["fit"][law]["points"].items():
+            if size not in sizes:
+                raise ConfigError(
+                    f"fit.{law}.points.{size}: unknown size; allowed: {sorted(sizes)} "
+                    "(keys of 'sizes')"
+                )
+            for multiplier in multipliers:
+                if (size, float(multiplier)) not in trained:
+                    raise ConfigError(
+                        f"fit.{law}.points.{size}: M={multiplier} is not trained in 'grid'; "
+                        f"trained runs: {sorted(trained)}"
+                    )
+    loss_eval = config["fit"]["error"].get("loss_eval")
+    validation_sets = config["validation"]["sets"]
+    if loss_eval and not config.get("released_dir") and loss_eval not in validation_sets:
+        raise ConfigError(
+            f"fit.error.loss_eval: {loss_eval!r} is not a validation set; "
+            f"allowed: {validation_sets} (validation.sets)"
+        )
+    by_size = {
+        "fit.predict": config["fit"].get("predict", {}),
+        "cluster.tokens_per_second": config["cluster"]["tokens_per_second"],
+        "cluster.gpus": config["cluster"]["gpus"],
+    }
+    for key, mapping in by_size.items():
+        for size in mapping:
+            if size not in sizes:
+                raise ConfigError(f"{key}.{size}: unknown size; allowed: {sorted(sizes)}")
+    for size, gpus in config["cluster"]["gpus"].items():
+        batch_size = sizes[size]["batch_size"]
+        if config["train"]["device"] != "cpu" and batch_size % gpus:
+            raise ConfigError(
+                f"sizes.{size}.batch_size: {batch_size} sequences do not split evenly over "
+                f"cluster.gpus.{size} = {gpus} processes; use a multiple of {gpus}"
+            )
+    downstream = config["downstream"]
+    if downstream["suite"] == "offline" and not downstream["tasks"]:
+        raise ConfigError(
+            "downstream.tasks: the offline suite needs at least one task, "
+            "e.g. {word_order: {builder: word_order, source: <dataset>}}"
+        )
+    for name, task in downstream["tasks"].items():
+        if task["source"] not in datasets:
+            raise ConfigError(
+                f"downstream.tasks.{name}.source: unknown dataset {task['source']!r}; "
+                f"allowed: {sorted(datasets)}"
+            )
+    trainer = config["tokenizer"].get("train_on")
+    if trainer is not None and trainer not in datasets:
+        raise ConfigError(
+            f"tokenizer.train_on: unknown dataset {trainer!r}; allowed: {sorted(datasets)}"
+        )
+
+
+def _check_steps(config: dict, runs: list) -> None:
+    """Every sequence fits the validation budget, and every run is longer than its warmup."""
+    max_tokens = config["validation"]["max_tokens"]
+    for name, spec in config["sizes"].items():
+        if spec["context_length"] > max_tokens:
+            raise ConfigError(
+                f"sizes.{name}.context_length: {spec['context_length']} is above "
+                f"validation.max_tokens ({max_tokens}): a checkpoint's loss is measured on at "
+                "most max_tokens tokens of each validation set, which must hold one sequence; "
+                "raise validation.max_tokens or lower context_length"
+            )
+    for run in runs:
+        spec = config["sizes"][run.size]
+        if run.steps <= spec["warmup"]:
+            raise ConfigError(
+                f"sizes.{run.size}.warmup: {spec['warmup']} steps, but run {run.key} trains "
+                f"{run.steps} steps ({run.tokens:,} tokens at {spec['batch_size']} x "
+                f"{spec['context_length']} tokens per step): a run must be longer than its "
+                "warmup; lower warmup, batch_size or context_length, or raise M"
+            )
+
+
+# Above these, `snakemake -n` says what the config asks for before anyone runs it.
+USUAL_EVALUATIONS = 1000
+USUAL_CHECKPOINTS_PER_RUN = 50
+
+
+def unusual_cost(config: dict) -> str | None:
+    """A note on what a training config costs, when it asks for far more jobs than usual."""
+    if config["released_dir"] or config["results_table"]:
+        return None
+    runs = trained_runs(config)
+    checkpoints = sum(len(run.checkpoint_steps) for run in runs)
+    downstream = config["downstream"]
+    downstream_jobs = 0
+    if downstream["suite"] != "none":
+        downstream_jobs = checkpoints if downstream["checkpoints"] == "all" else len(runs)
+    evaluations = checkpoints + downstream_jobs
+    most = max(len(run.checkpoint_steps) for run in runs)
+    if evaluations <= USUAL_EVALUATIONS and most <= USUAL_CHECKPOINTS_PER_RUN:
+        return None
+    return (
+        f"note: this config plans {len(runs)} training runs ({sum(run.tokens for run in runs):,} "
+        f"tokens in all) and {evaluations:,} evaluation jobs of {checkpoints:,} checkpoints (up "
+        f"to {most} per run from train.checkpoints = {config['train']['checkpoints']})"
+    )

@@ -17,6 +17,7 @@ is then deduplicated and sorted on its own, and the buckets are concatenated in 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import hashlib
 import itertools
@@ -28,12 +29,12 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from workflow.atomic import atomic_path
+from workflow.paths import corpus_file, corpus_manifest
 from workflow.sources import CORPORA, SourceError, offline_documents
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
-MANIFEST_FILE = "manifest.json"
 FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
 PROGRESS_SECONDS = 10.0
 
@@ -225,8 +226,12 @@ def _write_splits(bucket_dir: Path, out_dir: Path, val_fraction: float, counts: 
     corpus_hash = hashlib.sha256()
     split_hashes = {split: hashlib.sha256() for split in SPLITS}
     n_bytes = dict.fromkeys(SPLITS, 0)
-    handles = {split: (out_dir / f"{split}.jsonl").open("w", encoding="utf-8") for split in SPLITS}
-    try:
+    with contextlib.ExitStack() as stack:
+        files = {split: Path(corpus_file(out_dir, split)) for split in SPLITS}
+        handles = {
+            split: stack.enter_context(file.open("w", encoding="utf-8"))
+            for split, file in files.items()
+        }
         for bucket in sorted(bucket_dir.iterdir()):
             unique = {}
             with bucket.open(encoding="utf-8") as records:
@@ -245,9 +250,6 @@ def _write_splits(bucket_dir: Path, out_dir: Path, val_fraction: float, counts: 
                 counts[split] += 1
                 n_bytes[split] += size
             bucket.unlink()
-    finally:
-        for handle in handles.values():
-            handle.close()
     bucket_dir.rmdir()
     return {
         "bytes": n_bytes,
@@ -319,7 +321,7 @@ def prepare(
             "corpus_sha256_matches": matches,
             "seconds": round(time.monotonic() - start, 2),
         }
-        (temporary / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        Path(corpus_manifest(temporary)).write_text(json.dumps(manifest, indent=2) + "\n")
     log.info("%s: corpus sha256 %s, %.1f s", name, written["sha256"]["corpus"], manifest["seconds"])
     return manifest
 

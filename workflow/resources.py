@@ -22,12 +22,15 @@ import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import yaml
 
-from workflow.config import validate_config
-from workflow.runs import ConfigError, Run, trained_runs
+from workflow.config import ConfigError, validate_config
+from workflow.runs import Run, trained_runs
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # Resources every derivation returns: sbatch -t (minutes), --mem (MB) and --gpus.
 RESOURCE_NAMES = ("runtime", "mem_mb", "gpu")
@@ -181,6 +184,8 @@ def gpu_hours(config: dict, run: Run) -> float:
 def cost_table(config: dict) -> pd.DataFrame:
     """Per size: runs, GPUs per job, compute and estimated GPU-hours of training, and the
     longest job's wall time as requested (hours)."""
+    import pandas as pd  # here, not at the top: Snakemake imports this module to plan
+
     rows = [
         {
             "size": run.size,

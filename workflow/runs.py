@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
-
-class ConfigError(ValueError):
-    """A config that passes the JSON Schema but contradicts itself; the message names the key."""
+from workflow import laws
 
 
 def ffn_hidden_size(d_model: int, multiple_of: int) -> int:
@@ -57,8 +54,8 @@ class Run:
 
     @property
     def compute(self) -> float:
-        """Training FLOPs by the paper's estimate C = 6ND (float: it overflows int64)."""
-        return 6.0 * self.n_params * self.tokens
+        """Training FLOPs by the paper's estimate C = 6ND."""
+        return float(laws.compute(self.n_params, self.tokens))
 
     @property
     def key(self) -> str:
@@ -138,7 +135,7 @@ def find_run(config: dict, dataset: str, size: str, multiplier: str | float) -> 
     for run in trained_runs(config):
         if (run.dataset, run.size) == (dataset, size) and run.multiplier == float(multiplier):
             return run
-    raise ConfigError(f"no run {dataset}/{size}/M{multiplier} in config 'grid'")
+    raise KeyError(f"no run {dataset}/{size}/M{multiplier} in config 'grid'")
 
 
 def untrained_targets(config: dict) -> list[Run]:
@@ -151,87 +148,3 @@ def untrained_targets(config: dict) -> list[Run]:
         for multiplier in multipliers
         if (dataset, size, float(multiplier)) not in trained
     ]
-
-
-def check_config(config: dict) -> None:
-    """Checks the JSON Schema cannot express; raises ConfigError naming the key."""
-    sizes = config["sizes"]
-    datasets = config["datasets"]
-    for name, spec in sizes.items():
-        if spec["d_model"] % spec["n_heads"]:
-            raise ConfigError(
-                f"sizes.{name}: d_model ({spec['d_model']}) must be divisible by "
-                f"n_heads ({spec['n_heads']})"
-            )
-        if (spec["d_model"] // spec["n_heads"]) % 2:
-            raise ConfigError(f"sizes.{name}: the head width d_model/n_heads must be even (RoPE)")
-    for dataset, grid in config["grid"].items():
-        if dataset not in datasets:
-            raise ConfigError(
-                f"grid.{dataset}: unknown dataset; allowed: {sorted(datasets)} (keys of 'datasets')"
-            )
-        for size in grid:
-            if size not in sizes:
-                raise ConfigError(
-                    f"grid.{dataset}.{size}: unknown size; "
-                    f"allowed: {sorted(sizes)} (keys of 'sizes')"
-                )
-    for name in config["validation"]["sets"]:
-        if name not in datasets:
-            raise ConfigError(
-                f"validation.sets: unknown dataset {name!r}; allowed: {sorted(datasets)}"
-            )
-    trained = {(run.size, run.multiplier) for run in trained_runs(config)}
-    for law in ("loss", "error"):
-        for size, multipliers in config["fit"][law]["points"].items():
-            for multiplier in multipliers:
-                if (size, float(multiplier)) not in trained:
-                    raise ConfigError(
-                        f"fit.{law}.points.{size}: M={multiplier} is not trained in 'grid'; "
-                        f"trained runs: {sorted(trained)}"
-                    )
-    loss_eval = config["fit"]["error"].get("loss_eval")
-    validation_sets = config["validation"]["sets"]
-    if loss_eval and not config.get("released_dir") and loss_eval not in validation_sets:
-        raise ConfigError(
-            f"fit.error.loss_eval: {loss_eval!r} is not a validation set; "
-            f"allowed: {validation_sets} (validation.sets)"
-        )
-    by_size = {
-        "fit.predict": config["fit"].get("predict", {}),
-        "cluster.tokens_per_second": config["cluster"]["tokens_per_second"],
-        "cluster.gpus": config["cluster"]["gpus"],
-    }
-    for key, mapping in by_size.items():
-        for size in mapping:
-            if size not in sizes:
-                raise ConfigError(f"{key}.{size}: unknown size; allowed: {sorted(sizes)}")
-    for size, gpus in config["cluster"]["gpus"].items():
-        batch_size = sizes[size]["batch_size"]
-        if config["train"]["device"] != "cpu" and batch_size % gpus:
-            raise ConfigError(
-                f"sizes.{size}.batch_size: {batch_size} sequences do not split evenly over "
-                f"cluster.gpus.{size} = {gpus} processes; use a multiple of {gpus}"
-            )
-    downstream = config["downstream"]
-    if downstream["suite"] == "offline" and not downstream["tasks"]:
-        raise ConfigError(
-            "downstream.tasks: the offline suite needs at least one task, "
-            "e.g. {word_order: {builder: word_order, source: <dataset>}}"
-        )
-    for name, task in downstream["tasks"].items():
-        if task["source"] not in datasets:
-            raise ConfigError(
-                f"downstream.tasks.{name}.source: unknown dataset {task['source']!r}; "
-                f"allowed: {sorted(datasets)}"
-            )
-    trainer = config["tokenizer"].get("train_on")
-    if trainer is not None and trainer not in datasets:
-        raise ConfigError(
-            f"tokenizer.train_on: unknown dataset {trainer!r}; allowed: {sorted(datasets)}"
-        )
-
-
-def results_path(config: dict, *parts: str) -> str:
-    """A path under the configured results directory."""
-    return str(Path(config["results_dir"], *parts))
