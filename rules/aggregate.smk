@@ -5,11 +5,11 @@ rule aggregate:
         losses=loss_eval_files(),
         downstream=downstream_eval_files(),
     output:
-        out("runs.parquet"),
+        layout.runs_table(),
     log:
-        out("logs", "aggregate.log"),
+        layout.log("aggregate"),
     benchmark:
-        out("benchmarks", "aggregate.tsv")
+        layout.benchmark("aggregate")
     conda:
         "../envs/fit.yaml"
     shell:

@@ -1,18 +1,21 @@
+from workflow.paths import checkpoint_name
+
+
 rule build_suite:
     """The downstream task suite: offline items from held-out documents, or the paper's."""
     input:
         list(suite_sources().values()),
     output:
         directory(suite_dir()),
+    log:
+        layout.log("build_suite"),
+    benchmark:
+        layout.benchmark("build_suite")
+    conda:
+        "../envs/downstream.yaml"
     params:
         settings=suite_settings(),
         hf_home=hf_home(),
-    log:
-        out("logs", "build_suite.log"),
-    benchmark:
-        out("benchmarks", "build_suite.tsv")
-    conda:
-        "../envs/downstream.yaml"
     shell:
         "HF_HOME={params.hf_home} python -m workflow.suite --settings {params.settings:q}"
         " --out {output} > {log} 2>&1"
@@ -21,12 +24,21 @@ rule build_suite:
 rule evaluate_downstream:
     """One checkpoint on the suite through lm-eval, offline: accuracies and average error."""
     input:
-        checkpoints=out("runs", RUN_DIR, "checkpoints"),
+        checkpoints=layout.checkpoints(RUN_DIR),
         suite=suite_dir(),
     output:
-        summary=out("eval", RUN_DIR, "step{step}", f"downstream-{suite_name()}.json"),
-        results=out("eval", RUN_DIR, "step{step}", f"lm-eval-{suite_name()}.json"),
+        summary=layout.downstream_summary(RUN_DIR, "{step}", suite_name()),
+        results=layout.lm_eval_results(RUN_DIR, "{step}", suite_name()),
+    log:
+        layout.log("evaluate_downstream", RUN_DIR, checkpoint_name("{step}")),
+    benchmark:
+        layout.benchmark("evaluate_downstream", RUN_DIR, checkpoint_name("{step}"))
+    conda:
+        "../envs/downstream.yaml"
+    resources:
+        **rule_resources(downstream_resources, config, run_of),
     params:
+        checkpoint=checkpoint_path(layout.checkpoints(RUN_DIR), "{step}"),
         run=lambda wildcards: as_json(checkpoint_identity(run_of(wildcards), int(wildcards.step))),
         batch_size=config["downstream"]["batch_size"],
         device=config["train"]["device"],
@@ -34,17 +46,9 @@ rule evaluate_downstream:
         # Not used by the command: recorded, so that a change to the run's training spec
         # re-runs its evaluations even when the new training failed and left no outputs.
         trained_with=lambda wildcards: as_json(train_spec(run_of(wildcards))),
-    resources:
-        **rule_resources(downstream_resources, config, run_of),
-    log:
-        out("logs", "evaluate_downstream", RUN_DIR, "step{step}.log"),
-    benchmark:
-        out("benchmarks", "evaluate_downstream", RUN_DIR, "step{step}.tsv")
-    conda:
-        "../envs/downstream.yaml"
     shell:
         "HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HOME={params.hf_home}"
-        " python -m workflow.downstream --checkpoint {input.checkpoints}/step{wildcards.step}"
+        " python -m workflow.downstream --checkpoint {params.checkpoint}"
         " --suite {input.suite} --run {params.run:q} --summary {output.summary}"
         " --results {output.results} --batch-size {params.batch_size}"
         " --device {params.device} --threads {threads} > {log} 2>&1"

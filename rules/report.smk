@@ -3,6 +3,8 @@ marked report() here into one self-contained page (captions in report/)."""
 
 
 rule plot:
+    """Loss against compute per dataset, and error against loss, as in the paper's Figure 1."""
+    localrule: True
     input:
         runs=layout.runs_table(),
         predictions=layout.predictions(),
@@ -14,22 +16,22 @@ rule plot:
             category="Scaling laws",
             labels={"figure": "loss vs compute; error vs loss"},
         ),
+    params:
+        loss_eval=error_loss_eval(config),
     log:
         layout.log("plot"),
     benchmark:
         layout.benchmark("plot")
-    """Loss against compute per dataset, and error against loss, as in the paper's Figure 1."""
-    localrule: True
     conda:
         "../envs/fit.yaml"
-    params:
-        loss_eval=error_loss_eval(config),
     shell:
         "python -m workflow.plots --runs {input.runs} --predictions {input.predictions}"
         " --fits {input.fits} --loss-eval {params.loss_eval} --out {output} > {log} 2>&1"
 
 
 rule target_table:
+    """Every measured target's prediction, interval, actual value and relative error."""
+    localrule: True
     input:
         layout.predictions(),
     output:
@@ -39,16 +41,14 @@ rule target_table:
             category="Scaling laws",
             labels={"figure": "relative errors of the targets"},
         ),
+    params:
+        loss_eval=error_loss_eval(config),
     log:
         layout.log("target_table"),
     benchmark:
         layout.benchmark("target_table")
-    """Every measured target's prediction, interval, actual value and relative error."""
-    localrule: True
     conda:
         "../envs/fit.yaml"
-    params:
-        loss_eval=error_loss_eval(config),
     shell:
         "python -m workflow.targets --predictions {input} --loss-eval {params.loss_eval}"
         " --out {output} > {log} 2>&1"
@@ -57,6 +57,8 @@ rule target_table:
 if not measured_elsewhere(config):
 
     rule plot_curves:
+        """Every run's training loss against tokens: where a diverged or cut-short run shows."""
+        localrule: True
         input:
             curve_files(),
         output:
@@ -66,15 +68,13 @@ if not measured_elsewhere(config):
                 category="Training",
                 labels={"figure": "training curves"},
             ),
+        params:
+            runs=curve_runs(),
         log:
             layout.log("plot_curves"),
         benchmark:
             layout.benchmark("plot_curves")
-        """Every run's training loss against tokens: where a diverged or cut-short run shows."""
-        localrule: True
         conda:
             "../envs/fit.yaml"
-        params:
-            runs=curve_runs(),
         shell:
             "python -m workflow.curves --runs {params.runs:q} --out {output} > {log} 2>&1"

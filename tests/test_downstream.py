@@ -104,12 +104,12 @@ def lm_eval_results(accuracies: dict[str, tuple[str, float, float]], shots: int)
 
 def test_summary_reads_each_tasks_metric_and_averages_the_error(offline_suite):
     _, suite_dir, _ = offline_suite
-    _, specs = read_manifest(suite_dir)
+    _, task_specs = read_manifest(suite_dir)
     results = lm_eval_results(
         {"order": ("acc", 0.9, 0.02), "last": ("acc_mutual_info", 0.4, 0.03)}, shots=0
     )
     results["results"]["last"]["acc,none"] = 0.1  # not the metric the task is read by
-    summary = summarize("offline", specs, {0: results})
+    summary = summarize("offline", task_specs, {0: results})
     assert summary["tasks"]["order"]["accuracy"] == 0.9
     assert summary["tasks"]["last"]["accuracy"] == 0.4
     assert summary["tasks"]["last"]["metric"] == "acc_mutual_info"
@@ -122,13 +122,13 @@ def test_summary_reads_each_tasks_metric_and_averages_the_error(offline_suite):
 
 
 def test_paper_tasks_are_read_at_their_own_shot_counts():
-    specs = [spec for spec in paper_suite() if spec.lm_eval_task == "hellaswag"]
-    assert sorted(spec.shots for spec in specs) == [0, 10]
+    task_specs = [task for task in paper_suite() if task.lm_eval_task == "hellaswag"]
+    assert sorted(task.shots for task in task_specs) == [0, 10]
     results = {
         0: lm_eval_results({"hellaswag": ("acc_norm", 0.3, 0.01)}, shots=0),
         10: lm_eval_results({"hellaswag": ("acc_norm", 0.5, 0.01)}, shots=10),
     }
-    summary = summarize("paper17", specs, results)
+    summary = summarize("paper17", task_specs, results)
     assert summary["tasks"]["hellaswag_0shot"]["accuracy"] == 0.3
     assert summary["tasks"]["hellaswag_10shot"]["accuracy"] == 0.5
     assert summary["tasks"]["hellaswag_10shot"]["n_shot"] == 10
@@ -136,11 +136,11 @@ def test_paper_tasks_are_read_at_their_own_shot_counts():
 
 def test_aggregate_adds_task_accuracies_and_the_suites_error(offline_suite, tmp_path):
     _, suite_dir, _ = offline_suite
-    _, specs = read_manifest(suite_dir)
+    _, task_specs = read_manifest(suite_dir)
     results = lm_eval_results(
         {"order": ("acc", 0.9, 0.02), "last": ("acc_mutual_info", 0.4, 0.03)}, 0
     )
-    summary = {**summarize("offline", specs, {0: results}), "run": RUN}
+    summary = {**summarize("offline", task_specs, {0: results}), "run": RUN}
     summary_file = tmp_path / "downstream-offline.json"
     summary_file.write_text(json.dumps(summary))
     loss_file = tmp_path / "loss-docs_en.json"
@@ -167,7 +167,7 @@ def test_every_paper_task_resolves_in_lm_evals_registry():
     assert len(PAPER17) == 17
     missing = sorted({task.lm_eval_task for task in PAPER17} - registry)
     assert not missing, f"not in lm-eval's registry: {missing}"
-    assert {spec.lm_eval_task for spec in paper_suite()} <= registry
+    assert {task.lm_eval_task for task in paper_suite()} <= registry
     assert len(paper_suite()) == 13  # the README's count: CoQA, SQuAD and two BIG-bench left out
 
 
@@ -180,14 +180,14 @@ def test_the_evaluate_stage_stops_on_a_missing_task_file_before_loading_the_mode
     (suite_dir / "order.jsonl").unlink()
     arguments = ["--checkpoint", str(tmp_path / "no-such-checkpoint"), "--suite", str(suite_dir)]
     arguments += ["--run", json.dumps(RUN), "--summary", str(tmp_path / "summary.json")]
+    arguments += ["--batch-size", "8", "--device", "cpu", "--threads", "1"]
     with pytest.raises(SystemExit, match=r"order\.jsonl of task order .*rule build_suite"):
         main([*arguments, "--results", str(tmp_path / "lm-eval.json")])
     assert not (tmp_path / "summary.json").exists()
 
 
 def test_a_task_on_an_unknown_dataset_or_builder_is_named(default_config):
-    from workflow.config import validate_config
-    from workflow.runs import ConfigError
+    from workflow.config import ConfigError, validate_config
 
     default_config["downstream"]["tasks"]["window_order"]["source"] = "nope"
     with pytest.raises(ConfigError, match=r"downstream\.tasks\.window_order\.source: .*'nope'"):

@@ -1,9 +1,9 @@
-"""The fit stage: it recovers known laws from noisy points, fails with one clear message, writes
-the documented tables, and on the paper's released testbed reproduces the paper's numbers."""
+"""The fit stage: it fits every registered form on each dataset, fails with one clear message,
+writes the documented tables, and on the paper's released testbed reproduces the paper's
+numbers."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -13,12 +13,15 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import REPO
-from scipy.optimize import curve_fit
 from test_released import exp_data
 
 from workflow import fit, laws
+from workflow.config import validate_config
+from workflow.errors import FitError
+from workflow.forms import ERROR, LOSS, PAPER, chain_labels, predicting
 from workflow.released import ingest
-from workflow.tables import RUNS_SCHEMA, write_runs_table
+from workflow.settings import FitSettings, fit_settings
+from workflow.tables import FITS_SCHEMA, PREDICTIONS_SCHEMA, RUNS_SCHEMA, write_runs_table
 
 TRUE_LOSS = (1.8, 210.0, 370.0, 0.136)  # E, a, b, eta: close to the paper's RedPajama fit
 TRUE_ERROR = (0.86, 2.2, 0.72)  # epsilon, k, gamma
@@ -46,66 +49,23 @@ def synthetic_runs(points, noise: float = 0.0, seed: int = 0, errors: bool = Fal
     return pd.DataFrame(rows, columns=RUNS_SCHEMA.names)
 
 
+# The paper's chain: its loss form, then the error law, whose rows carry the loss form's name.
+PAPER_CHAIN = PAPER.chain_label()
 GRID = [(size, multiplier) for size in ("xs", "s", "m", "l") for multiplier in (10, 20, 80, 320)]
 PAPER_POINTS = {"xs": [20, 320], "s": [20], "m": [20], "l": [20]}
-FORMS = {"paper", "chinchilla"}
 
 
-def settings(**changes) -> fit.Settings:
-    base = {"loss_points": PAPER_POINTS, "error_points": PAPER_POINTS, "loss_eval": "val",
-            "bootstrap": 40}  # fmt: skip
-    return fit.Settings(**{**base, **changes})
-
-
-def test_levenberg_marquardt_is_scipys_curve_fit():
-    rows = synthetic_runs(GRID, noise=0.01, seed=1)
-    compute, multiplier = laws.compute(rows["N"], rows["D"]), rows["M"].to_numpy()
-    for start in fit.PAPER_GRID[::9]:
-        ours = fit.levenberg_marquardt(
-            laws.loss, laws.loss_jacobian, (compute, multiplier), rows["value"].to_numpy(), start
-        )
-        scipys, _ = curve_fit(
-            lambda x, *p: laws.loss(*x, *p), np.array([compute, multiplier]), rows["value"],
-            p0=start, jac=lambda x, *p: laws.loss_jacobian(*x, *p), method="lm", maxfev=10_000,
-        )  # fmt: skip
-        np.testing.assert_allclose(ours, scipys, rtol=1e-12)
-
-
-def test_paper_form_recovers_known_parameters_from_noisy_points():
-    rows = synthetic_runs(GRID, noise=1e-3, seed=2)
-    compute, multiplier = laws.compute(rows["N"], rows["D"]), rows["M"].to_numpy()
-    params = fit.fit_paper_loss(compute, multiplier, rows["value"].to_numpy(), fit.PAPER_GRID)
-    np.testing.assert_allclose(params[[0, 3]], np.array(TRUE_LOSS)[[0, 3]], rtol=0.02)
-    target = laws.loss(laws.compute(6.9e9, 1.38e11), 20.0, *params)
-    assert target == pytest.approx(laws.loss(laws.compute(6.9e9, 1.38e11), 20.0, *TRUE_LOSS),
-                                   rel=0.005)  # fmt: skip
-
-
-def test_chinchilla_form_recovers_known_parameters_from_noisy_points():
-    truth = (1.7, 400.0, 1500.0, 0.30, 0.33)
-    n_params = np.repeat(list(SIZES.values())[:4], 4).astype(float)
-    tokens = n_params * np.tile([10.0, 20.0, 80.0, 320.0], 4)
-    rng = np.random.default_rng(3)
-    loss = laws.chinchilla_loss(n_params, tokens, *truth) * np.exp(1e-3 * rng.standard_normal(16))
-    params, converged, _ = fit.fit_chinchilla(n_params, tokens, loss[None])
-    assert converged.all()
-    np.testing.assert_allclose(params[0, [0, 3, 4]], np.array(truth)[[0, 3, 4]], rtol=0.1)
-    big = (6.9e9, 1.38e11)
-    assert laws.chinchilla_loss(*big, *params[0]) == pytest.approx(
-        laws.chinchilla_loss(*big, *truth), rel=0.01
-    )
-
-
-def test_error_law_recovers_known_parameters():
-    loss = np.linspace(2.3, 6.0, 8)
-    error = laws.error(loss, *TRUE_ERROR) + 1e-4 * np.random.default_rng(4).standard_normal(8)
-    np.testing.assert_allclose(fit.fit_error_law(loss, error), TRUE_ERROR, rtol=0.02)
+def settings(**changes) -> FitSettings:
+    """The fit settings of the tests: the paper's fit points, a short bootstrap."""
+    given = {"loss_points": PAPER_POINTS, "error_points": PAPER_POINTS, "loss_eval": "val",
+             "starts": 128, "bootstrap": 40, "seed": 0, "extra_targets": []}  # fmt: skip
+    return FitSettings(**{**given, **changes})
 
 
 def test_too_few_points_fail_naming_dataset_law_and_points():
     rows = synthetic_runs(GRID)
-    with pytest.raises(fit.FitError) as failure:
-        fit.fit_runs(rows, settings(loss_points={"xs": [20], "s": [20], "m": [20]}))
+    with pytest.raises(FitError) as failure:
+        fit.fit_table(rows, settings(loss_points={"xs": [20], "s": [20], "m": [20]}))
     message = str(failure.value)
     assert message.startswith("toy: loss law on val (paper form): 3 points for 4 parameters")
     assert "points: xs M=20 (" in message and "m M=20" in message
@@ -115,29 +75,42 @@ def test_a_fit_that_does_not_converge_fails_naming_dataset_law_and_points():
     rows = synthetic_runs(GRID)
     rows["value"] = 1e200 * np.arange(1, len(rows) + 1)  # no start survives the overflow
     with pytest.raises(
-        fit.FitError,
+        FitError,
         match=r"^toy: loss law on val \(paper form\): "
         r"Levenberg-Marquardt converged from none of the 128 starts; points: xs M=20",
     ):
-        fit.fit_runs(rows, settings())  # fmt: skip
+        fit.fit_table(rows, settings())  # fmt: skip
 
 
 def test_missing_fit_point_is_named():
     rows = synthetic_runs(GRID)
-    with pytest.raises(fit.FitError, match="fit point xl M=20 has no final checkpoint"):
-        fit.fit_runs(rows, settings(loss_points={**PAPER_POINTS, "xl": [20]}))
+    with pytest.raises(FitError, match="fit point xl M=20 has no final checkpoint"):
+        fit.fit_table(rows, settings(loss_points={**PAPER_POINTS, "xl": [20]}))
 
 
-def test_cli_reports_the_message_without_a_traceback(tmp_path):
+def run_cli(tmp_path, settings_json: str) -> subprocess.CompletedProcess:
+    """``python -m workflow.fit`` on three synthetic runs."""
     write_runs_table(synthetic_runs(GRID[:3]).to_dict("records"), tmp_path / "runs.parquet")
-    result = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "workflow.fit", "--runs", str(tmp_path / "runs.parquet"),
-         "--settings", '{"loss": {"points": {"xs": [10, 20, 80]}}, "error": {"points": {}}}',
+         "--settings", settings_json,
          "--predictions", str(tmp_path / "p.parquet"), "--fits", str(tmp_path / "f.parquet")],
         capture_output=True, text=True, cwd=REPO,
     )  # fmt: skip
+
+
+def test_cli_reports_the_message_without_a_traceback(tmp_path):
+    result = run_cli(tmp_path, settings(loss_points={"xs": [10, 20, 80]}).to_json())
     assert result.returncode == 1
     assert "fit: toy: loss law on val (paper form): 3 points for 4 parameters" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "p.parquet").exists()
+
+
+def test_cli_names_what_the_settings_lack_without_a_traceback(tmp_path):
+    result = run_cli(tmp_path, '{"loss_points": {"xs": [10, 20, 80]}}')
+    assert result.returncode == 1
+    assert result.stderr.startswith("fit: FitSettings: missing [") and "'seed'" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "p.parquet").exists()
 
@@ -147,19 +120,22 @@ def test_stage_writes_the_documented_tables(tmp_path):
     write_runs_table(synthetic_runs(GRID, noise=1e-3).to_dict("records"), tmp_path / "runs.parquet")
     untrained = {"dataset": "toy", "size": "xl", "N": SIZES["xl"], "M": 20.0,
                  "D": 20 * SIZES["xl"]}  # fmt: skip
-    payload = {"loss": {"points": PAPER_POINTS, "starts": 16}, "error": {"points": PAPER_POINTS},
-               "bootstrap": 30, "seed": 1, "extra_targets": [untrained]}  # fmt: skip
-    fit.main(["--runs", str(tmp_path / "runs.parquet"), "--settings", json.dumps(payload),
+    chosen = settings(starts=16, bootstrap=30, seed=1, extra_targets=[untrained])
+    fit.main(["--runs", str(tmp_path / "runs.parquet"), "--settings", chosen.to_json(),
               "--predictions", str(tmp_path / "p.parquet"),
               "--fits", str(tmp_path / "f.parquet")])  # fmt: skip
     predictions = pd.read_parquet(tmp_path / "p.parquet")
-    assert list(predictions.columns) == fit.PREDICTIONS_SCHEMA.names
+    assert list(predictions.columns) == PREDICTIONS_SCHEMA.names
     assert predictions["N"].dtype == "int64" and predictions["D"].dtype == "int64"
     assert predictions["C"].dtype == "float64"
     np.testing.assert_allclose(predictions["C"], 6.0 * predictions["N"] * predictions["D"])
-    assert set(predictions["quantity"]) == {"loss"} and set(predictions["form"]) == FORMS
-    assert len(predictions) == 2 * (len(GRID) + 1)
-    assert predictions.groupby("role").size().to_dict() == {"fit": 10, "target": 24}
+    loss_chains = chain_labels(LOSS)
+    assert set(predictions["quantity"]) == {"loss"} and set(predictions["form"]) == set(loss_chains)
+    assert len(predictions) == len(loss_chains) * (len(GRID) + 1)
+    assert predictions.groupby("role").size().to_dict() == {
+        "fit": 5 * len(loss_chains),
+        "target": 12 * len(loss_chains),
+    }
     new = predictions[predictions["size"] == "xl"]
     assert new["actual"].isna().all() and new["role"].eq("target").all()
     assert new["predicted"].notna().all()
@@ -171,20 +147,22 @@ def test_stage_writes_the_documented_tables(tmp_path):
     assert (predictions["ci_low"] <= predictions["predicted"]).all()
     assert (predictions["predicted"] <= predictions["ci_high"]).all()
     fits = pd.read_parquet(tmp_path / "f.parquet")
-    assert list(fits.columns) == ["dataset", "form", "law", "eval", "param", "value"]
+    assert (
+        list(fits.columns)
+        == FITS_SCHEMA.names
+        == ["dataset", "form", "law", "eval", "param", "value"]
+    )
     params = fits.groupby("form")["param"].apply(list).to_dict()
-    assert params == {
-        "chinchilla": ["E", "A", "B", "alpha", "beta"],
-        "paper": ["E", "a", "b", "eta"],
-    }
+    assert params == {form.chain_label(): list(form.params) for form in predicting(LOSS)}
+    assert params[PAPER.chain_label()] == ["E", "a", "b", "eta"]
 
 
 def test_error_is_predicted_from_the_predicted_loss():
     rows = synthetic_runs([*GRID, ("xl", 20)], noise=2e-3, seed=5, errors=True)
     points = {**PAPER_POINTS, "xl": [20]}
-    predictions, fits = fit.fit_runs(rows, settings(error_points=points))
-    paper = predictions[predictions["form"] == "paper"].set_index(["quantity", "size", "M"])
-    epsilon, k, gamma = fits[(fits["law"] == "error") & (fits["form"] == "paper")]["value"]
+    predictions, fits = fit.fit_table(rows, settings(error_points=points))
+    paper = predictions[predictions["form"] == PAPER_CHAIN].set_index(["quantity", "size", "M"])
+    epsilon, k, gamma = fits[(fits["law"] == ERROR) & (fits["form"] == PAPER_CHAIN)]["value"]
     for key in [("xl", 20.0), ("l", 320.0)]:
         loss = paper.loc[("loss", *key)]
         error = paper.loc[("error", *key)]
@@ -196,8 +174,8 @@ def test_error_is_predicted_from_the_predicted_loss():
 
 def test_bootstrap_interval_widens_with_measurement_noise():
     def width(noise):
-        predictions, _ = fit.fit_runs(synthetic_runs(GRID, noise=noise, seed=6), settings())
-        paper = predictions[(predictions["form"] == "paper") & (predictions["size"] == "l")]
+        predictions, _ = fit.fit_table(synthetic_runs(GRID, noise=noise, seed=6), settings())
+        paper = predictions[(predictions["form"] == PAPER_CHAIN) & (predictions["size"] == "l")]
         return float((paper["ci_high"] - paper["ci_low"]).max())
 
     assert width(1e-2) > 3 * width(1e-3) > 0
@@ -214,17 +192,10 @@ def test_bootstrap_interval_widens_with_measurement_noise():
 def released_fit(tmp_path_factory):
     out = tmp_path_factory.mktemp("released-fit")
     runs = ingest(exp_data(), out / "runs.parquet", out / "error_groups.json")
-    preset = yaml.safe_load((REPO / "presets" / "paper-released.yaml").read_text())["fit"]
-    chosen = fit.Settings(
-        loss_points=preset["loss"]["points"],
-        starts=preset["loss"]["starts"],
-        error_points=preset["error"]["points"],
-        loss_eval=preset["error"]["loss_eval"],
-        bootstrap=preset["bootstrap"],
-        seed=preset["seed"],
-    )
+    preset = yaml.safe_load((REPO / "presets" / "paper-released.yaml").read_text())
+    chosen = fit_settings(validate_config({**preset, "released_dir": str(exp_data())}))
     started = time.perf_counter()
-    predictions, fits = fit.fit_runs(runs, chosen, workers=2)
+    predictions, fits = fit.fit_table(runs, chosen, workers=2)
     print(f"fit of the released testbed: {time.perf_counter() - started:.1f} s")
     return predictions, fits
 
@@ -244,7 +215,7 @@ TABLE_6 = {
 @pytest.mark.parametrize("dataset", sorted(TABLE_6))
 def test_fitted_parameters_are_the_papers_table_6(released_fit, dataset):
     _, fits = released_fit
-    paper = fits[(fits["dataset"] == dataset) & (fits["form"] == "paper")]
+    paper = fits[(fits["dataset"] == dataset) & (fits["form"] == PAPER_CHAIN)]
     found = {
         **paper[(paper["law"] == "loss") & (paper["eval"] == "c4_val")].set_index("param")["value"],
         **paper[(paper["law"] == "error") & (paper["eval"] == "avg17")].set_index("param")["value"],
@@ -291,7 +262,7 @@ def test_relative_errors_are_the_papers(
 ):
     predictions, _ = released_fit
     row = predictions[
-        (predictions["dataset"] == dataset) & (predictions["form"] == "paper")
+        (predictions["dataset"] == dataset) & (predictions["form"] == PAPER_CHAIN)
         & (predictions["size"] == size) & (predictions["M"] == M)
         & (predictions["quantity"] == quantity) & (predictions["eval"] == eval_name)
     ]  # fmt: skip

@@ -222,7 +222,9 @@ def test_a_results_table_runs_ingest_fit_and_figures_without_training(tmp_path):
     predictions = pd.read_parquet(tmp_path / "out" / "predictions.parquet")
     targets = predictions[(predictions["role"] == "target") & (predictions["quantity"] == "loss")]
     assert set(targets["size"]) == {"640M", "160M"}
-    assert (targets["relative_error"] < 0.01).all()
+    assert set(targets["form"]) == {"paper", "chinchilla"}
+    # The ladder follows the paper's law, so that form extrapolates it closely.
+    assert (targets.loc[targets["form"] == "paper", "relative_error"] < 0.01).all()
     for figure in ("scaling.png", "targets.html"):
         assert (tmp_path / "out" / "plots" / figure).stat().st_size > 0
     assert not (tmp_path / "out" / "runs").exists()
@@ -245,7 +247,9 @@ def test_the_released_testbed_gives_the_same_predictions_as_its_own_table(tmp_pa
     and as a wide Parquet table through the results-table ingest: identical predictions."""
     preset = yaml.safe_load((REPO / "presets" / "paper-released.yaml").read_text())
     released = {**preset, "released_dir": str(exp_data()), "results_dir": str(tmp_path / "r")}
-    snakemake("--cores", "2", "--forceall", config=released, workdir=tmp_path / "r")
+    for name in ("r", "long", "wide"):
+        (tmp_path / name).mkdir()
+    snakemake("--cores", "2", config=released, workdir=tmp_path / "r")
     runs = pd.read_parquet(tmp_path / "r" / "runs.parquet")
     long = tmp_path / "long.csv"
     runs.to_csv(long, index=False)

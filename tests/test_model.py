@@ -1,4 +1,5 @@
-"""ScalingLM: the parameter count the pipeline plans with, the recipe's pieces, save/load."""
+"""ScalingLM: the parameter count the pipeline plans with, the recipe's pieces, save/load,
+and the fused output loss training uses in place of ``forward``."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from workflow.model import ScalingLM, build_model
+from workflow.model import IGNORE_INDEX, OutputLoss, ScalingLM, build_model
 from workflow.runs import count_parameters, ffn_hidden_size
 
 
@@ -101,3 +102,26 @@ def test_padding_mask_and_long_inputs_are_refused():
     model(ids, attention_mask=torch.ones((1, 8)))
     with pytest.raises(ValueError, match="longer than the context"):
         model(torch.zeros((1, 17), dtype=torch.long))
+
+
+def test_output_loss_matches_autograd_reference():
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 37, 16, requires_grad=True)
+    weight = torch.randn(256, 16, requires_grad=True)
+    targets = torch.randint(0, 256, (2, 37))
+    targets[1, 30:] = IGNORE_INDEX
+    objective, cross_entropy = OutputLoss.apply(hidden, weight, targets, 1e-2, 10)
+    objective.backward()
+    fused_grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+
+    logits = (hidden @ weight.T).flatten(0, 1)
+    flat_targets = targets.flatten()
+    counted = flat_targets != IGNORE_INDEX
+    reference_ce = torch.nn.functional.cross_entropy(logits, flat_targets, reduction="sum")
+    reference = reference_ce + 1e-2 * torch.logsumexp(logits[counted], -1).square().sum()
+    reference.backward()
+    torch.testing.assert_close(cross_entropy, reference_ce.detach())
+    torch.testing.assert_close(objective, reference.detach())
+    torch.testing.assert_close(fused_grads[0], hidden.grad)
+    torch.testing.assert_close(fused_grads[1], weight.grad)

@@ -14,7 +14,8 @@ from conftest import REPO
 from test_fit import GRID, TRUE_ERROR, TRUE_LOSS, settings, synthetic_runs
 
 from workflow import laws, plan
-from workflow.fit import FitError
+from workflow.errors import FitError
+from workflow.forms import PAPER
 from workflow.tables import write_runs_table
 
 BUDGET = 1e22
@@ -52,7 +53,7 @@ def test_serving_tokens_recommends_a_smaller_more_over_trained_model(runs):
     for factor in (0.9, 1.1):
         n_params = serving.N * factor
         tokens = plan.tokens_for(np.array(n_params), BUDGET, 1e13)
-        neighbour, _ = laws.predict("paper", n_params, tokens, serving.loss_params)
+        neighbour = PAPER.predict((n_params, tokens), serving.loss_params)
         assert neighbour > serving.loss
 
 

@@ -3,7 +3,7 @@
 torchrun gives every process ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE`` (and where to meet);
 without them the trainer is a single process and nothing here communicates. Each process
 holds the whole model (DDP) or a shard of it (FSDP, ``fully_shard``), reads its own disjoint
-slice of every global batch (``workflow.train.read_batch``) and the gradients are summed
+slice of every global batch (``workflow.shards.read_batch``) and the gradients are summed
 across processes, so a step sees exactly the global batch one process would, and the run
 still consumes exactly D tokens. Only rank 0 writes files.
 """

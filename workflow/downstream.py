@@ -1,9 +1,9 @@
 """Evaluate stage, downstream: one checkpoint on a task suite through EleutherAI's lm-eval.
 
 The checkpoint is loaded here, once (``import workflow.model`` registers ScalingLM with
-``AutoModelForCausalLM``; the device is resolved as the trainer resolves it), and handed to
-lm-eval's ``HFLM`` as a model object, which every shot count reuses: ``simple_evaluate`` runs
-the suite's tasks, batched, once per shot count. Two files are
+``AutoModelForCausalLM``; ``workflow.device`` resolves the device, as for the trainer), and
+handed to lm-eval's ``HFLM`` as a model object, which every shot count reuses:
+``simple_evaluate`` runs the suite's tasks, batched, once per shot count. Two files are
 written: lm-eval's own results (keyed by shot count) and a small summary, whose per-task
 accuracies and average top-1 error (each with a normal 95% interval from lm-eval's standard
 error) the aggregate stage turns into rows of runs.parquet.
@@ -12,7 +12,7 @@ The rule sets HF_DATASETS_OFFLINE and HF_HUB_OFFLINE: the offline suite's data i
 the paper suite's datasets were fetched into HF_HOME when the suite was built.
 
 ``python -m workflow.downstream --checkpoint DIR --suite DIR --run JSON --summary OUT
---results OUT [--batch-size N] [--device D] [--threads N]``
+--results OUT --batch-size N --device D --threads N``
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from pathlib import Path
 from statistics import NormalDist
 
 from workflow.atomic import atomic_path, write_json
+from workflow.errors import TrainError
+from workflow.integrity import DamagedOutputError, check_checkpoint, remove_stale_temporaries
 from workflow.suite import SuiteError, TaskSpec, read_manifest
 
 Z_95 = NormalDist().inv_cdf(0.975)
@@ -41,28 +43,30 @@ def normal_interval(value: float, stderr: float | None) -> tuple[float | None, f
     return max(0.0, value - Z_95 * stderr), min(1.0, value + Z_95 * stderr)
 
 
-def summarize(suite: str, specs: Sequence[TaskSpec], results_by_shots: dict[int, dict]) -> dict:
-    """Per-task accuracy (the spec's metric) and the suite's average top-1 error.
+def summarize(
+    suite: str, task_specs: Sequence[TaskSpec], results_by_shots: dict[int, dict]
+) -> dict:
+    """Per-task accuracy (its task spec's metric) and the suite's average top-1 error.
 
     The average is the plain mean of 1 - accuracy over the tasks, as the paper's; its standard
     error combines the tasks' (independent) standard errors.
     """
     tasks = {}
-    for spec in specs:
-        results = results_by_shots[spec.shots]
-        metrics = results["results"][spec.lm_eval_task]
-        accuracy = float(metrics[f"{spec.metric},none"])
-        stderr = metrics.get(f"{spec.metric}_stderr,none")
+    for task_spec in task_specs:
+        results = results_by_shots[task_spec.shots]
+        metrics = results["results"][task_spec.lm_eval_task]
+        accuracy = float(metrics[f"{task_spec.metric},none"])
+        stderr = metrics.get(f"{task_spec.metric}_stderr,none")
         stderr = float(stderr) if isinstance(stderr, int | float) else None
-        tasks[spec.name] = {
-            "lm_eval_task": spec.lm_eval_task,
-            "metric": spec.metric,
+        tasks[task_spec.name] = {
+            "lm_eval_task": task_spec.lm_eval_task,
+            "metric": task_spec.metric,
             "accuracy": accuracy,
             "stderr": stderr,
             "interval": normal_interval(accuracy, stderr),
-            "n_shot": int(results["n-shot"][spec.lm_eval_task]),
-            "n_examples": int(results["n-samples"][spec.lm_eval_task]["effective"]),
-            "chance": spec.chance,
+            "n_shot": int(results["n-shot"][task_spec.lm_eval_task]),
+            "n_examples": int(results["n-samples"][task_spec.lm_eval_task]["effective"]),
+            "chance": task_spec.chance,
         }
     errors = [1.0 - task["accuracy"] for task in tasks.values()]
     stderrs = [task["stderr"] for task in tasks.values()]
@@ -84,7 +88,7 @@ def summarize(suite: str, specs: Sequence[TaskSpec], results_by_shots: dict[int,
 def run_lm_eval(
     checkpoint: str | Path,
     include_path: str | None,
-    specs: Sequence[TaskSpec],
+    task_specs: Sequence[TaskSpec],
     batch_size: int,
     device: str,
 ) -> dict[int, dict]:
@@ -95,7 +99,7 @@ def run_lm_eval(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import workflow.model  # noqa: F401  (registers ScalingLM with AutoModelForCausalLM)
-    from workflow.train import resolve_device
+    from workflow.device import resolve_device
 
     torch_device = resolve_device(device)
     model = AutoModelForCausalLM.from_pretrained(checkpoint).to(torch_device).eval()
@@ -106,11 +110,11 @@ def run_lm_eval(
         batch_size=batch_size,
         device=str(torch_device),
     )
-    # The offline suite's folder alone: indexing lm-eval's thousands of task files takes seconds.
+    # The offline suite's folder alone: indexing every one of lm-eval's task files is slow.
     task_manager = TaskManager(include_path=include_path, include_defaults=include_path is None)
     by_shots = defaultdict(list)
-    for spec in specs:
-        by_shots[spec.shots].append(spec.lm_eval_task)
+    for task_spec in task_specs:
+        by_shots[task_spec.shots].append(task_spec.lm_eval_task)
     return {
         shots: lm_eval.simple_evaluate(
             model=language_model,
@@ -130,15 +134,18 @@ def evaluate_downstream(
     run: dict,
     summary_path: str | Path,
     results_path: str | Path,
-    batch_size: int = 64,
-    device: str = "auto",
+    batch_size: int,
+    device: str,
 ) -> dict:
     """Run the suite on one checkpoint; write lm-eval's results and the summary."""
     from lm_eval.utils import handle_non_serializable
 
-    manifest, specs = read_manifest(suite_dir)
+    manifest, task_specs = read_manifest(suite_dir)
+    check_checkpoint(checkpoint)
+    for output in (results_path, summary_path):
+        remove_stale_temporaries(output)
     started = time.perf_counter()
-    results = run_lm_eval(checkpoint, manifest["include_path"], specs, batch_size, device)
+    results = run_lm_eval(checkpoint, manifest["include_path"], task_specs, batch_size, device)
     seconds = time.perf_counter() - started
     with atomic_path(results_path) as temporary:
         temporary.write_text(
@@ -149,7 +156,7 @@ def evaluate_downstream(
             )
         )
     summary = {
-        **summarize(manifest["suite"], specs, results),
+        **summarize(manifest["suite"], task_specs, results),
         "run": run,
         "checkpoint": str(checkpoint),
         "batch_size": batch_size,
@@ -173,13 +180,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--run", required=True, help="JSON: the run's identity columns")
     parser.add_argument("--summary", required=True, help="summary JSON to write")
     parser.add_argument("--results", required=True, help="lm-eval results JSON to write")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, required=True, help="lm-eval batch size")
+    parser.add_argument("--device", required=True, choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--threads", type=int, required=True)
     args = parser.parse_args(argv)
     import torch
-
-    from workflow.train import TrainError
 
     torch.set_num_threads(args.threads)
     try:
@@ -192,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             args.batch_size,
             args.device,
         )
-    except (SuiteError, TrainError) as error:
+    except (SuiteError, TrainError, DamagedOutputError) as error:
         sys.exit(f"evaluate_downstream: {error}")
 
 

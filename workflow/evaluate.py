@@ -21,8 +21,10 @@ from transformers import AutoModelForCausalLM
 
 import workflow.model  # noqa: F401  (registers ScalingLM with the Auto classes)
 from workflow.atomic import write_json
+from workflow.device import resolve_device
+from workflow.errors import TrainError
+from workflow.integrity import DamagedOutputError, check_checkpoint, remove_stale_temporaries
 from workflow.shards import TokenShards
-from workflow.train import TrainError, resolve_device
 
 
 class EvaluateError(ValueError):
@@ -73,18 +75,26 @@ def bootstrap_interval(
 def evaluate_checkpoint(
     checkpoint: str | Path,
     validation_dirs: dict[str, str],
+    outputs: dict[str, str],
     run: dict,
-    out_dir: str | Path,
     max_tokens: int,
     bootstrap: int,
-    batch_size: int = 32,
-    device: str = "auto",
+    batch_size: int,
+    device: str,
 ) -> list[dict]:
-    """Write ``loss-{set}.json`` for every validation set; return the records.
+    """Write each validation set's record to its file in ``outputs``; return the records.
 
     ``run`` carries the run's identity (dataset, size, N, M, D, step, tokens, final), so each
     JSON is one complete row of the aggregated table.
     """
+    if set(outputs) != set(validation_dirs):
+        raise EvaluateError(
+            f"the validation sets {sorted(validation_dirs)} and the sets given an output file "
+            f"{sorted(outputs)} differ; give each set both"
+        )
+    check_checkpoint(checkpoint)
+    for output in outputs.values():
+        remove_stale_temporaries(output)
     torch_device = resolve_device(device)
     model = AutoModelForCausalLM.from_pretrained(checkpoint).to(torch_device).eval()
     context_length = model.config.max_position_embeddings
@@ -103,7 +113,7 @@ def evaluate_checkpoint(
             "ci_high": ci_high,
             "n_examples": len(losses),
         }
-        write_json(Path(out_dir, f"loss-{name}.json"), record)
+        write_json(outputs[name], record)
         records.append(record)
         print(
             f"{name}: loss {record['value']:.4f} [{ci_low:.4f}, {ci_high:.4f}] on "
@@ -118,25 +128,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint", required=True, help="a save_pretrained directory")
     parser.add_argument("--validation", required=True, help="JSON: set name -> token shard dir")
+    parser.add_argument("--outputs", required=True, help="JSON: set name -> loss JSON to write")
     parser.add_argument("--run", required=True, help="JSON: the run's identity columns")
-    parser.add_argument("--out-dir", required=True)
     parser.add_argument("--max-tokens", type=int, required=True)
     parser.add_argument("--bootstrap", type=int, required=True)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--batch-size", type=int, required=True, help="sequences per forward")
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--device", required=True, choices=["auto", "cpu", "cuda"])
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
         evaluate_checkpoint(
             args.checkpoint,
             json.loads(args.validation),
+            json.loads(args.outputs),
             json.loads(args.run),
-            args.out_dir,
             args.max_tokens,
             args.bootstrap,
-            device=args.device,
+            args.batch_size,
+            args.device,
         )
-    except (EvaluateError, TrainError, FileNotFoundError) as error:
+    except (EvaluateError, TrainError, DamagedOutputError, FileNotFoundError) as error:
         sys.exit(f"evaluate_loss: {error}")
 
 

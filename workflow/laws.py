@@ -13,24 +13,41 @@ and the prediction chain is (N, M) -> predicted loss -> predicted error: the err
 applied to the *predicted* loss, never to a measured one, so a prediction needs no run.
 
 Every law is a function of its inputs and parameters only, so the fit stage, the plots and the
-tests share one definition; fitting lives in ``workflow.fit``. The Jacobians sit beside the laws
-because Levenberg-Marquardt on a few points is many times faster with them than with finite
-differences, and the bootstrap refits every law hundreds of times.
+tests share one definition; which laws are fitted, and how, is ``workflow.forms``. The
+Jacobians sit beside the laws because Levenberg-Marquardt evaluates them at every step and the
+bootstrap refits every law hundreds of times.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numpy.typing import ArrayLike
 
-LOSS_PARAMS = ("E", "a", "b", "eta")
-ERROR_PARAMS = ("epsilon", "k", "gamma")
-CHINCHILLA_PARAMS = ("E", "A", "B", "alpha", "beta")
+# Training FLOPs per parameter per token: 2 in the forward pass, 4 in the backward (C = 6ND).
+TRAINING_FLOPS_PER_PARAM_TOKEN = 6.0
 
 
 def compute(n_params: ArrayLike, tokens: ArrayLike) -> np.ndarray:
     """Training FLOPs C = 6ND, in float64 (6ND overflows int64 beyond ~1e18)."""
-    return 6.0 * np.asarray(n_params, dtype=float) * np.asarray(tokens, dtype=float)
+    return (
+        TRAINING_FLOPS_PER_PARAM_TOKEN
+        * np.asarray(n_params, dtype=float)
+        * np.asarray(tokens, dtype=float)
+    )
+
+
+def tokens_for_compute(n_params: ArrayLike, compute_flops: ArrayLike) -> np.ndarray:
+    """The training tokens D that spend ``compute_flops`` on a model of N parameters: C / 6N."""
+    return np.asarray(compute_flops, dtype=float) / (
+        TRAINING_FLOPS_PER_PARAM_TOKEN * np.asarray(n_params, dtype=float)
+    )
+
+
+def params_for_compute(compute_flops: float, multiplier: float) -> float:
+    """The N that spends ``compute_flops`` at token multiplier M = D/N: sqrt(C / 6M)."""
+    return math.sqrt(compute_flops / (TRAINING_FLOPS_PER_PARAM_TOKEN * multiplier))
 
 
 def loss(
@@ -67,7 +84,7 @@ def loss_from_params_tokens(
     """
     n_params = np.asarray(n_params, dtype=float)
     tokens = np.asarray(tokens, dtype=float)
-    scale = 6.0**-eta
+    scale = TRAINING_FLOPS_PER_PARAM_TOKEN**-eta
     return E + a * scale * n_params ** (-2 * eta) + b * scale * tokens ** (-2 * eta)
 
 
@@ -86,31 +103,6 @@ def error_jacobian(loss_value: ArrayLike, epsilon: float, k: float, gamma: float
     loss_value = np.asarray(loss_value, dtype=float)
     decay = np.exp(-gamma * loss_value)
     return np.stack([np.ones_like(decay), -decay, k * loss_value * decay], axis=-1)
-
-
-def predict(
-    form: str,
-    n_params: ArrayLike,
-    tokens: ArrayLike,
-    loss_params: ArrayLike,
-    error_params: ArrayLike | None = None,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """The chain (N, D) -> predicted loss -> predicted error (None without error_params).
-
-    ``form`` is 'paper' (L(C, M), parameters E, a, b, eta) or 'chinchilla' (parameters
-    E, A, B, alpha, beta); the error law is the same for both.
-    """
-    n_params = np.asarray(n_params, dtype=float)
-    tokens = np.asarray(tokens, dtype=float)
-    if form == "paper":
-        predicted_loss = loss(compute(n_params, tokens), tokens / n_params, *loss_params)
-    elif form == "chinchilla":
-        predicted_loss = chinchilla_loss(n_params, tokens, *loss_params)
-    else:
-        raise ValueError(f"unknown form {form!r}; allowed: 'paper', 'chinchilla'")
-    if error_params is None:
-        return predicted_loss, None
-    return predicted_loss, error(predicted_loss, *error_params)
 
 
 def chinchilla_loss(

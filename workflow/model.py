@@ -1,4 +1,4 @@
-"""The paper's language model: a pre-norm decoder-only transformer, as open_lm builds it.
+"""The paper's language model (a pre-norm decoder-only transformer) and its training loss.
 
 Gadre et al. (2024) train open_lm models; this file is that recipe as one readable
 ``transformers`` model, so every checkpoint loads with ``AutoModelForCausalLM`` (and hence
@@ -20,8 +20,11 @@ Two deliberate differences from open_lm. The qk-LayerNorms have no learnable gai
 (non-parametric, as in OLMo): the paper's parameter counts leave the qk gains out, so with
 this choice the model's parameter count, which ``workflow.runs.count_parameters`` computes
 and the trainer asserts, is exactly the paper's N: both embeddings, the blocks and the norms.
-And the weight init is GPT-2's rather than open_lm's (see ``ScalingLM``), measured better at
-the tiny widths this project trains on a CPU.
+And the weight init is GPT-2's rather than open_lm's (see ``ScalingLM``).
+
+Training does not call ``forward``: it takes ``final_hidden_states`` and computes the output
+layer, the cross-entropy and the z-loss in one fused, chunked pass (``OutputLoss``, after the
+model), which never holds the whole logits array.
 """
 
 from __future__ import annotations
@@ -44,10 +47,15 @@ from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutput
 
 INIT_STD = 0.02
+# Target of a position that counts for nothing (PyTorch's and Hugging Face's convention).
+IGNORE_INDEX = -100
+# Rows of logits the fused output loss materialises at once: about 4 MB of fp32 logits stays in
+# a CPU's cache; on a GPU larger chunks only need to bound memory (V = 50k: 1,300 rows).
+LOSS_CHUNK_ELEMENTS = {"cpu": 2**20, "cuda": 2**26}
 
 
 class ScalingLMConfig(PreTrainedConfig):
-    """Shape of a ScalingLM; the names are the trainer's spec keys.
+    """Shape of a ScalingLM; the names are those of the config's shape (``RunSpec.shape``).
 
     ``attribute_map`` also exposes the usual Hugging Face names (``max_position_embeddings``,
     ``hidden_size``, ...) that tools such as lm-eval read.
@@ -91,7 +99,7 @@ def rotary_cos_sin(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE tables for positions ``0..length-1``, shape (length, head_dim), in float32.
 
-    Computed per forward pass instead of cached in a buffer: it costs a few microseconds and
+    Computed per forward pass instead of cached in a buffer: it is cheap next to a block and
     leaves nothing for ``from_pretrained`` to re-create.
     """
     inverse_frequency = theta ** (
@@ -183,11 +191,10 @@ class ScalingLM(PreTrainedModel):
     Weight init is GPT-2's (as in nanoGPT): every matrix, embeddings and output layer
     included, is normal with std 0.02, and the two projections that write into the residual
     stream (attention ``out``, MLP ``w3``) get ``0.02 / sqrt(2 n_layers)`` so the stream's
-    variance does not grow with depth. LayerNorm gains start at 1. We tried open_lm's
-    ``1/sqrt(fan_in)`` instead (the paper's code): at this project's CPU widths it is 6-9x
-    larger, and at M = 20 on Python-docs text it gave 0.17-0.37 nats worse validation loss
-    (d_model 32 and 64, every learning rate tried from 3e-3 to 1.2e-2). At the paper's
-    widths (d_model 96-2048) the two are within a factor of 5 and meet near 2048.
+    variance does not grow with depth. LayerNorm gains start at 1. open_lm's
+    ``1/sqrt(fan_in)`` (the paper's code) is several times larger at this project's CPU
+    widths, where it trained worse (the README has the comparison); the two meet near
+    d_model 2048.
     """
 
     config_class = ScalingLMConfig
@@ -244,7 +251,7 @@ class ScalingLM(PreTrainedModel):
         """What ``lm_head`` reads: the final LayerNorm's output, (batch, length, d_model).
 
         The trainer calls this and computes the output layer and the loss in one fused,
-        chunked step (``workflow.train.OutputLoss``) instead of materialising the logits.
+        chunked step (``OutputLoss``) instead of materialising the logits.
         """
         length = input_ids.shape[1]
         if length > self.config.context_length:
@@ -269,8 +276,9 @@ class ScalingLM(PreTrainedModel):
         """Logits for every position; ``loss`` when ``labels`` are given.
 
         ``labels`` follow the Hugging Face convention: aligned with ``input_ids`` (usually a
-        copy), shifted here, positions labelled -100 ignored. There is no padding mask: the
-        attention is causal only, so right padding is harmless and left padding is refused.
+        copy), shifted here, positions labelled IGNORE_INDEX ignored. There is no padding
+        mask: the attention is causal only, so right padding is harmless and left padding is
+        refused.
         """
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError(
@@ -281,14 +289,101 @@ class ScalingLM(PreTrainedModel):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+                logits[:, :-1].flatten(0, 1).float(),
+                labels[:, 1:].flatten(),
+                ignore_index=IGNORE_INDEX,
             )
         return CausalLMOutput(loss=loss, logits=logits)
 
 
 def build_model(shape: dict) -> ScalingLM:
-    """A freshly initialised model from a trainer spec's ``shape`` (keys as in the config)."""
+    """A freshly initialised model of a ``RunSpec``'s ``shape`` (keys as in the config)."""
     return ScalingLM(ScalingLMConfig(**shape))
+
+
+class OutputLoss(torch.autograd.Function):
+    """Output layer, cross-entropy and z-loss in one pass over row chunks of the logits.
+
+    For small models the (tokens x vocab) logits dominate a step: materialising them, then
+    running logsumexp, its backward and the matmul backward each stream the whole array
+    through memory. Here each chunk's logits are made, turned into its loss and its gradient
+    ``softmax * (1 + 2 z lse) - onehot(target)`` while in cache, and multiplied back into the
+    gradients of the hidden states and of the output weight, all in the forward pass; the
+    backward only scales them, and memory never holds the whole logits array.
+    Training only: the gradients are computed even under ``torch.no_grad``.
+
+    Returns (objective, cross_entropy), both summed over the target positions that are not
+    IGNORE_INDEX: objective = sum(ce + z * lse^2) is what to differentiate; the plain
+    cross-entropy is for logging and carries no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, z_loss, chunk_rows):
+        ctx.hidden_shape = hidden.shape
+        hidden = hidden.flatten(0, -2)
+        targets = targets.flatten()
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        objective = hidden.new_zeros((), dtype=torch.float32)
+        cross_entropy = hidden.new_zeros((), dtype=torch.float32)
+        for begin in range(0, hidden.shape[0], chunk_rows):
+            rows = hidden[begin : begin + chunk_rows]
+            chunk_targets = targets[begin : begin + chunk_rows]
+            counted = (chunk_targets != IGNORE_INDEX).float()
+            target_index = chunk_targets.clamp(min=0)[:, None]
+            logits = (rows @ weight.T).float()
+            probs = torch.softmax(logits, dim=-1)
+            # lse from the largest probability (>= 1/V, so its log is exact): saves a pass.
+            lse = logits.amax(dim=-1) - probs.amax(dim=-1).log()
+            token_ce = lse - logits.gather(-1, target_index).squeeze(-1)
+            cross_entropy += (token_ce * counted).sum()
+            objective += ((token_ce + z_loss * lse.square()) * counted).sum()
+            probs.mul_((counted * (1 + 2 * z_loss * lse))[:, None])
+            probs.scatter_add_(-1, target_index, -counted[:, None])
+            grad_hidden[begin : begin + chunk_rows] = probs @ weight
+            grad_weight += probs.T @ rows
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.mark_non_differentiable(cross_entropy)
+        return objective, cross_entropy
+
+    @staticmethod
+    def backward(ctx, grad_objective, _grad_cross_entropy):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (
+            (grad_hidden * grad_objective).view(ctx.hidden_shape),
+            grad_weight * grad_objective,
+            None,
+            None,
+            None,
+        )
+
+
+def output_loss(
+    model: ScalingLM, hidden: torch.Tensor, targets: torch.Tensor, z_loss: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``OutputLoss`` of ``model``'s output layer, chunked for the hidden states' device."""
+    chunk_rows = max(1, LOSS_CHUNK_ELEMENTS[hidden.device.type] // model.config.vocab_size)
+    return OutputLoss.apply(hidden, model.lm_head.weight, targets, z_loss, chunk_rows)
+
+
+class TrainingObjective(nn.Module):
+    """The model and its fused output loss behind one ``forward``, which is what gets wrapped.
+
+    DDP prepares its gradient all-reduce and FSDP gathers the parameters in a module's
+    ``forward``; the output loss reads the output layer's weight directly, so it has to run
+    inside that ``forward`` too. Returns ``OutputLoss``'s (objective, cross_entropy) sums.
+    """
+
+    def __init__(self, model: ScalingLM, z_loss: float):
+        super().__init__()
+        self.model = model
+        self.z_loss = z_loss
+
+    def forward(
+        self, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.model.final_hidden_states(inputs)
+        return output_loss(self.model, hidden, targets, self.z_loss)
 
 
 AutoConfig.register(ScalingLMConfig.model_type, ScalingLMConfig, exist_ok=True)

@@ -31,9 +31,13 @@ import yaml
 from scipy.optimize import minimize_scalar
 
 from workflow import laws
-from workflow.config import validate_config
-from workflow.fit import FitError, Settings, fit_laws, settings_payload
-from workflow.runs import ConfigError
+from workflow.config import ConfigError, validate_config
+from workflow.errors import FitError
+from workflow.forms import EXPONENTIAL, PAPER
+from workflow.intervals import percentile_interval
+from workflow.ladder import fit_ladder
+from workflow.paths import Layout
+from workflow.settings import FitSettings, SettingsError, fit_settings
 from workflow.tables import read_runs_table
 
 # Inference FLOPs per served token: one forward pass.
@@ -65,7 +69,7 @@ class Plan:
 def tokens_for(n_params: np.ndarray, budget: float, inference_tokens: float) -> np.ndarray:
     """Training tokens D that spend what is left of ``budget`` after serving at size N."""
     inference = INFERENCE_FLOPS_PER_TOKEN_PER_PARAMETER * n_params * inference_tokens
-    return (budget - inference) / (6.0 * n_params)
+    return laws.tokens_for_compute(n_params, budget - inference)
 
 
 def best_size(loss_params: np.ndarray, budget: float, inference_tokens: float) -> float:
@@ -74,8 +78,7 @@ def best_size(loss_params: np.ndarray, budget: float, inference_tokens: float) -
     Without inference this is the closed form N = sqrt(C / 6 M*); the search handles both.
     """
     if inference_tokens == 0:
-        optimal = laws.optimal_multiplier(*loss_params[1:])
-        return math.sqrt(budget / (6.0 * optimal))
+        return laws.params_for_compute(budget, laws.optimal_multiplier(*loss_params[1:]))
     # N at which serving alone spends the budget: no training tokens are left beyond it.
     ceiling = budget / (INFERENCE_FLOPS_PER_TOKEN_PER_PARAMETER * inference_tokens)
 
@@ -84,7 +87,7 @@ def best_size(loss_params: np.ndarray, budget: float, inference_tokens: float) -
         tokens = tokens_for(np.array(n_params), budget, inference_tokens)
         if tokens <= 0:
             return math.inf
-        return float(laws.predict("paper", n_params, tokens, loss_params)[0])
+        return float(PAPER.predict((n_params, tokens), loss_params))
 
     result = minimize_scalar(
         predicted, bounds=(math.log(1.0), math.log(ceiling) - 1e-9), method="bounded"
@@ -93,30 +96,29 @@ def best_size(loss_params: np.ndarray, budget: float, inference_tokens: float) -
 
 
 def interval(values: np.ndarray) -> tuple[float, float]:
-    finite = values[np.isfinite(values)]
-    if not len(finite):
-        return (math.nan, math.nan)
-    low, high = np.percentile(finite, [2.5, 97.5])
+    """The 95% interval of replicates' predictions (NaN without any)."""
+    low, high = percentile_interval(values)
     return (float(low), float(high))
 
 
 def plan(
     runs_table: pd.DataFrame,
-    settings: Settings,
+    settings: FitSettings,
     dataset: str,
     eval_name: str,
     budget: float,
     inference_tokens: float = 0.0,
 ) -> Plan:
     """Fit the laws on ``dataset``'s final runs and recommend (N, M) for ``budget``; the loss
-    is ``eval_name``'s, and the error law is fitted on it, so the chain is one."""
+    is ``eval_name``'s, and the error law is fitted on it, so the chain is one. The plan is
+    the paper's chain: its loss form (whose compute-optimal M* is closed-form), then its
+    error law."""
     final = runs_table[runs_table["final"].astype(bool) & (runs_table["dataset"] == dataset)]
     if final.empty:
         datasets = sorted(runs_table["dataset"].unique())
         raise FitError(f"no final runs of dataset {dataset!r}; datasets: {datasets}")
-    fits = fit_laws(dataset, final, replace(settings, loss_eval=eval_name))
-    runs = fits.runs
-    fitted = fits.loss_fits[("paper", eval_name)]
+    ladder = fit_ladder(dataset, final, replace(settings, loss_eval=eval_name))
+    fitted = ladder.of(PAPER, eval_name)
 
     n_params = best_size(fitted.params, budget, inference_tokens)
     tokens = float(tokens_for(np.array(n_params), budget, inference_tokens))
@@ -124,9 +126,9 @@ def plan(
         raise FitError(
             f"serving {inference_tokens:g} tokens alone costs more than {budget:g} FLOPs"
         )
-    loss, _ = laws.predict("paper", n_params, tokens, fitted.params)
+    loss = PAPER.predict((n_params, tokens), fitted.params)
     converged = fitted.replicates[np.isfinite(fitted.replicates).all(axis=1)]
-    replicate_loss = np.array([laws.predict("paper", n_params, tokens, p)[0] for p in converged])
+    replicate_loss = np.array([PAPER.predict((n_params, tokens), p) for p in converged])
     replicate_m = np.array(
         [
             float(tokens_for(np.array(n), budget, inference_tokens)) / n
@@ -135,20 +137,22 @@ def plan(
     )
 
     group, error, error_ci = None, None, None
-    if fits.error_fits:
-        group, error_fit = next(iter(fits.error_fits.items()))
-        error = float(laws.error(loss, *error_fit.params))
+    groups = ladder.measurements.evals(EXPONENTIAL.predicts)
+    if groups:
+        group = groups[0]
+        error_fit = ladder.of(EXPONENTIAL, group)
+        error = float(EXPONENTIAL.predict((loss,), error_fit.params))
         ok = np.isfinite(fitted.replicates).all(axis=1) & np.isfinite(error_fit.replicates).all(
             axis=1
         )
         replicate_error = [
-            float(laws.error(laws.predict("paper", n_params, tokens, p)[0], *q))
+            float(EXPONENTIAL.predict((PAPER.predict((n_params, tokens), p),), q))
             for p, q in zip(fitted.replicates[ok], error_fit.replicates[ok], strict=True)
         ]
         error_ci = interval(np.array(replicate_error))
 
-    fit_runs = runs.table[fits.loss_points]
-    largest_fit = float(laws.compute(fit_runs["N"], fit_runs["D"]).max())
+    fit_points = ladder.measurements.table[ladder.points[PAPER.predicts]]
+    largest_fit = float(laws.compute(fit_points["N"], fit_points["D"]).max())
     return Plan(
         dataset=dataset,
         eval=eval_name,
@@ -164,8 +168,8 @@ def plan(
         error=error,
         error_ci=error_ci,
         M_ci=interval(replicate_m),
-        compute_over_largest_fit=6.0 * n_params * tokens / largest_fit,
-        fit_multipliers=(float(fit_runs["M"].min()), float(fit_runs["M"].max())),
+        compute_over_largest_fit=float(laws.compute(n_params, tokens)) / largest_fit,
+        fit_multipliers=(float(fit_points["M"].min()), float(fit_points["M"].max())),
     )
 
 
@@ -215,8 +219,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.released_dir:
             config["released_dir"] = args.released_dir
         validate_config(config)
-        settings = Settings.from_payload(settings_payload(config))
-        runs_path = Path(config["results_dir"]) / "runs.parquet"
+        settings = fit_settings(config)
+        runs_path = Path(Layout(config["results_dir"]).runs_table())
         if not runs_path.exists():
             sys.exit(f"plan: {runs_path} does not exist; run `snakemake {runs_path}` first")
         runs_table = read_runs_table(runs_path)
@@ -229,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             args.budget,
             args.inference_tokens,
         )
-    except (ConfigError, FitError) as error:
+    except (ConfigError, FitError, SettingsError) as error:
         sys.exit(f"plan: {error}")
     print(describe(recommended))
     if args.json:

@@ -5,7 +5,7 @@ log axes, where the law is a straight line per token multiplier M: one colour pe
 where it interpolates its fit points and dashed where it extrapolates. Filled markers are fit
 points, open ones are targets (thin lines: the loss along training, where runs.parquet has
 checkpoints). Targets larger than every fit point carry the prediction with its 95% interval
-and both forms' relative errors. Below, one panel per task group: error against loss with the
+and every chain's relative errors. Below, one panel per task group: error against loss with the
 error law, each large target predicted from its predicted loss.
 
 ``python -m workflow.plots --runs RUNS --predictions PRED --fits FITS --loss-eval NAME --out PNG``
@@ -29,6 +29,7 @@ from matplotlib.ticker import LogLocator, ScalarFormatter
 
 from workflow import laws
 from workflow.atomic import atomic_path
+from workflow.forms import ERROR, EXPONENTIAL, LOSS, PAPER, Form, chain_labels
 from workflow.tables import read_runs_table
 
 MARKERS = "^sdpP*Xo"
@@ -64,16 +65,21 @@ class Style:
             )
 
 
-def _params(fits: pd.DataFrame, dataset: str, law: str, eval_name: str, names) -> list[float]:
-    rows = fits[(fits["dataset"] == dataset) & (fits["form"] == "paper") & (fits["law"] == law)]
+def _params(fits: pd.DataFrame, dataset: str, form: Form, eval_name: str) -> list[float]:
+    """The parameters of ``form`` in the paper's chain, fitted on ``eval_name``."""
+    rows = fits[
+        (fits["dataset"] == dataset)
+        & (fits["form"] == form.chain_label(PAPER))
+        & (fits["law"] == form.predicts)
+    ]
     values = rows[rows["eval"] == eval_name].set_index("param")["value"]
-    return [values[name] for name in names]
+    return [values[name] for name in form.params]
 
 
 def headline(predictions: pd.DataFrame) -> pd.DataFrame:
     """(N, M) of the targets with more parameters than every fit point of the loss law: the
     extrapolations the paper reports."""
-    loss = predictions[predictions["quantity"] == "loss"]
+    loss = predictions[predictions["quantity"] == LOSS]
     largest_fit = loss.loc[loss["role"] == "fit", "N"].max()
     targets = loss.loc[(loss["role"] == "target") & (loss["N"] > largest_fit), ["N", "M"]]
     return targets.drop_duplicates()
@@ -83,10 +89,14 @@ def _percent(value: float) -> str:
     return f"{value:.2%}" if np.isfinite(value) else "not trained"
 
 
-def _annotate(axis, rows: pd.DataFrame, targets: pd.DataFrame, x: str, y: str, corner) -> None:
-    """Label each headline target, and list both forms' relative errors in ``corner``
-    (axes coordinates of the box's lower edge and its horizontal alignment)."""
-    lines = ["relative error (paper / chinchilla)"]
+def _annotate(
+    axis, quantity: str, rows: pd.DataFrame, targets: pd.DataFrame, x: str, y: str, corner
+) -> None:
+    """Label each headline target, and list the relative errors of every chain predicting
+    ``quantity`` in ``corner`` (axes coordinates of the box's lower edge and its horizontal
+    alignment)."""
+    labels = chain_labels(quantity)
+    lines = [f"relative error ({' / '.join(labels)})"]
     for index, (_, target) in enumerate(targets.iterrows()):
         name = f"{target['size']}, M={target['M']:g}"
         axis.annotate(
@@ -100,8 +110,8 @@ def _annotate(axis, rows: pd.DataFrame, targets: pd.DataFrame, x: str, y: str, c
         ).set_in_layout(False)
         same = rows[(rows["N"] == target["N"]) & (rows["M"] == target["M"])]
         errors = same.set_index("form")["relative_error"]
-        paper, chinchilla = (errors.get(form, np.nan) for form in ("paper", "chinchilla"))
-        lines.append(f"{name}: {_percent(paper)} / {_percent(chinchilla)}")
+        shown = " / ".join(_percent(errors.get(label, np.nan)) for label in labels)
+        lines.append(f"{name}: {shown}")
     x_corner, align = corner
     axis.text(
         x_corner,
@@ -132,9 +142,9 @@ def _loss_panel(
 ) -> None:
     """Loss vs compute C = 6ND: one fitted curve per M (solid over the fit points, dashed
     beyond), the runs' measured losses and each target's prediction with its interval."""
-    E, a, b, eta = _params(fits, dataset, "loss", loss_eval, laws.LOSS_PARAMS)
-    rows = predictions[(predictions["quantity"] == "loss") & (predictions["eval"] == loss_eval)]
-    paper = rows[rows["form"] == "paper"]
+    E, a, b, eta = _params(fits, dataset, PAPER, loss_eval)
+    rows = predictions[(predictions["quantity"] == LOSS) & (predictions["eval"] == loss_eval)]
+    paper = rows[rows["form"] == PAPER.chain_label()]
     fit_points = paper[paper["role"] == "fit"]
     right = paper["C"].max() * 3
     for multiplier in style.multipliers:
@@ -153,7 +163,7 @@ def _loss_panel(
                 lw=1.1,
                 alpha=0.85,
             )
-    curves = runs[(runs["metric"] == "loss") & (runs["eval"] == loss_eval)]
+    curves = runs[(runs["metric"] == LOSS) & (runs["eval"] == loss_eval)]
     for (multiplier, _), checkpoints in curves.groupby(["M", "N"]):
         if len(checkpoints) > 1:
             checkpoints = checkpoints.sort_values("tokens")
@@ -170,7 +180,7 @@ def _loss_panel(
         _prediction(
             axis, target["C"], target["predicted"] - E, target["ci_low"] - E, target["ci_high"] - E
         )
-    _annotate(axis, rows, targets, "C", "shown", (0.03, "left"))
+    _annotate(axis, LOSS, rows, targets, "C", "shown", (0.03, "left"))
     axis.set_xscale("log")
     axis.set_yscale("log")
     axis.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
@@ -212,11 +222,11 @@ def _error_panel(
 ) -> None:
     """A task group's average error vs the loss of ``loss_eval``: the fitted error law, the
     runs' measurements and the targets' errors predicted from their predicted loss."""
-    epsilon, k, gamma = _params(fits, dataset, "error", group, laws.ERROR_PARAMS)
-    errors = predictions[(predictions["quantity"] == "error") & (predictions["eval"] == group)]
-    losses = predictions[(predictions["quantity"] == "loss") & (predictions["eval"] == loss_eval)]
-    paper = errors[errors["form"] == "paper"].merge(
-        losses[losses["form"] == "paper"][["N", "M", "actual", "predicted"]],
+    epsilon, k, gamma = _params(fits, dataset, EXPONENTIAL, group)
+    errors = predictions[(predictions["quantity"] == ERROR) & (predictions["eval"] == group)]
+    losses = predictions[(predictions["quantity"] == LOSS) & (predictions["eval"] == loss_eval)]
+    paper = errors[errors["form"] == EXPONENTIAL.chain_label(PAPER)].merge(
+        losses[losses["form"] == PAPER.chain_label()][["N", "M", "actual", "predicted"]],
         on=["N", "M"],
         suffixes=("", "_loss"),
     )
@@ -239,7 +249,7 @@ def _error_panel(
         _prediction(
             axis, target["predicted_loss"], target["predicted"], target["ci_low"], target["ci_high"]
         )
-    _annotate(axis, errors, targets, "shown_loss", "shown", (0.97, "right"))
+    _annotate(axis, ERROR, errors, targets, "shown_loss", "shown", (0.97, "right"))
     axis.set_xlabel(f"loss, {loss_eval} (nats)")
     axis.set_ylabel(f"top-1 error, mean over {group}")
     axis.set_title(f"{dataset}: error ({group}) from loss", fontsize=11)
@@ -295,7 +305,7 @@ def plot(
     """Write the figure to ``out`` (PNG), atomically."""
     style = Style(predictions)
     datasets = sorted(predictions["dataset"].unique())
-    groups = sorted(predictions.loc[predictions["quantity"] == "error", "eval"].unique())
+    groups = sorted(predictions.loc[predictions["quantity"] == ERROR, "eval"].unique())
     figure, axes = plt.subplots(
         1 + len(groups),
         len(datasets),

@@ -151,7 +151,6 @@ class RunSpec(JsonSettings):
     grad_clip: float
     seed: int
     device: str
-    log_every: int
 
     @property
     def tokens_per_step(self) -> int:
@@ -178,21 +177,24 @@ def run_spec(config: dict, run: Run) -> RunSpec:
         },
         **{
             key: train[key]
-            for key in ("z_loss", "beta1", "beta2", "grad_clip", "seed", "device", "log_every")
+            for key in ("z_loss", "beta1", "beta2", "grad_clip", "seed", "device")
         },
     )
 
 
 @dataclass(frozen=True)
 class EngineSettings(JsonSettings):
-    """How a run is computed (speed and memory), apart from what determines its result: a
-    killed run resumes under other values of these, and changing them re-runs nothing."""
+    """How a run is computed and reported (speed, memory, how often it logs and saves), apart
+    from what determines its result: a killed run resumes under other values of these, and
+    changing them re-runs nothing. ``log_every`` spaces the curve's rows, each the mean loss
+    since the previous one; the weights do not depend on it."""
 
     activation_checkpointing: bool
     parallelism: str
     compile: bool
     peak_tflops: float | None
     resume_every: int
+    log_every: int
 
 
 def engine_settings(config: dict, run: Run) -> EngineSettings:
@@ -204,4 +206,5 @@ def engine_settings(config: dict, run: Run) -> EngineSettings:
         compile=train["compile"],
         peak_tflops=train["peak_tflops"],
         resume_every=train["resume_every"],
+        log_every=train["log_every"],
     )

@@ -1,0 +1,214 @@
+"""The law forms the fit stage knows, as one registry: a new form is one entry of FORMS.
+
+A form is what the rest of the stage needs to fit a law and predict with it: the law (a pure
+function in ``workflow.laws``), its parameters' names, what it predicts (a run's loss, or its
+downstream error) and from what (a run's size N and D, or a loss), and how it is fitted (a
+start grid with Levenberg-Marquardt and the law's Jacobian, or an objective with L-BFGS). The
+stage loops over the registry; nothing matches a form by its name.
+
+- ``paper``: L(C, M) = E + (a M^eta + b M^-eta) C^-eta on raw loss, with Levenberg-Marquardt
+  (scipy's curve_fit) from the 128-start grid of the paper's code, keeping the lowest residual.
+  This is what Gadre et al. did, so the released testbed reproduces their numbers.
+- ``chinchilla``: L = E + A N^-alpha + B D^-beta with free exponents, fitted as Besiroglu et al.
+  (2024) do: Huber loss (delta 1e-3) on log loss, L-BFGS from a grid of starts
+  (``workflow.routines``).
+- ``exponential``: the paper's error law Err(L) = epsilon - k exp(-gamma L), from curve_fit's
+  default start. It is fitted on the measured loss and predicts from each loss form's predicted
+  loss, so it ends every loss form's chain and its rows carry that loss form's name.
+
+The first form registered for a quantity is its reference: its residuals give the bootstrap's
+sd of a fit point that has no interval of its own (``workflow.bootstrap``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from workflow import laws
+from workflow.routines import Fitting, HuberOnLogLoss, LeastSquares
+from workflow.settings import FitSettings
+
+LOSS, ERROR = "loss", "error"  # what a form predicts: a metric of runs.parquet
+SIZE = "size"  # a form of a run's N and D (the other source is LOSS: a form of a loss)
+
+
+@dataclass(frozen=True)
+class Form:
+    """One law form: what it predicts from what, its parameters and how it is fitted."""
+
+    name: str
+    predicts: str  # LOSS or ERROR
+    source: str  # SIZE (a run's N and D) or LOSS (a loss: measured to fit, predicted to predict)
+    variables: Callable[..., tuple[np.ndarray, ...]]  # the source's arrays -> the law's inputs
+    law: Callable  # law(*inputs, *params)
+    params: tuple[str, ...]
+    fitting: Fitting
+    # The 'form' column of the predictions this form ends: "{name}" is its own name, "{loss}"
+    # the name of the loss form whose chain it ends (a form of the loss).
+    label: str = "{name}"
+    # What a reader should know about a fit (inputs at its points, parameters), or None.
+    caveat: Callable[[tuple, np.ndarray], str | None] = lambda inputs, params: None
+
+    def predict(self, source: tuple, params) -> np.ndarray:
+        """The law at ``source`` (the arrays its source names), broadcasting over ``params``."""
+        return self.law(*self.variables(*source), *params)
+
+    def chain_label(self, loss_form: Form | None = None) -> str:
+        """The 'form' column of the predictions this form makes, at the end of ``loss_form``'s
+        chain when its source is a loss."""
+        loss = loss_form.chain_label() if loss_form else None
+        return self.label.format(name=self.name, loss=loss)
+
+
+# The paper's multi-start grid (mlfoundations/scaling, scaling/laws.py): four values for each of
+# the two coefficients, two exponents, four irreducible losses. Its parameters are
+# L = A N^x + B' D^x + E with B' = B 6^(x/2); in L(C, M) they are eta = -x/2, a = A 6^eta, b = B.
+PAPER_GRID = np.array(
+    [
+        (irreducible, coefficient_n * 6.0 ** (-exponent / 2), coefficient_d, -exponent / 2)
+        for coefficient_n, coefficient_d, exponent, irreducible in itertools.product(
+            (1e2, 3e2, 1e3, 3e3), (1e2, 3e2, 1e3, 3e3), (-0.1, -0.3), (0.0, 1.0, 2.0, 10.0)
+        )
+    ]
+)
+# curve_fit's default start, which the paper's code uses for the error law.
+ERROR_START = np.array([(1.0, 1.0, 1.0)])
+# Besiroglu et al.'s grid (Hoffmann et al.'s) is log A, log B in {0, 5, ..., 25}, log E in
+# {-1, -0.5, ..., 1}, alpha, beta in {0, 0.5, ..., 2}: 4,500 starts. We keep every other value of
+# each axis (3^5 = 243 starts), in (log A, log B, log E, alpha, beta).
+CHINCHILLA_GRID = np.array(
+    list(
+        itertools.product(
+            (0.0, 10.0, 20.0), (0.0, 10.0, 20.0), (-1.0, 0.0, 1.0), (0.0, 1.0, 2.0), (0.0, 1.0, 2.0)
+        )
+    )
+)
+
+
+def paper_starts(settings: FitSettings) -> np.ndarray:
+    """``settings.starts`` starting points: the paper's 128, an evenly spaced subset, or 128
+    plus random ones (drawn with ``settings.seed``)."""
+    count = settings.starts
+    if count <= len(PAPER_GRID):
+        return PAPER_GRID[np.linspace(0, len(PAPER_GRID) - 1, count).round().astype(int)]
+    rng = np.random.default_rng(settings.seed)
+    extra = count - len(PAPER_GRID)
+    low, high = PAPER_GRID.min(axis=0), PAPER_GRID.max(axis=0)
+    log_a, log_b = (rng.uniform(np.log(low[i]), np.log(high[i]), extra) for i in (1, 2))
+    random = np.column_stack(
+        [
+            rng.uniform(low[0], high[0], extra),
+            np.exp(log_a),
+            np.exp(log_b),
+            rng.uniform(low[3], high[3], extra),
+        ]
+    )
+    return np.vstack([PAPER_GRID, random])
+
+
+def compute_and_multiplier(n_params: ArrayLike, tokens: ArrayLike) -> tuple:
+    """(C, M) = (6ND, D/N): the paper's axes."""
+    n_params, tokens = params_and_tokens(n_params, tokens)
+    return laws.compute(n_params, tokens), tokens / n_params
+
+
+def params_and_tokens(n_params: ArrayLike, tokens: ArrayLike) -> tuple:
+    """(N, D) as float arrays."""
+    return np.asarray(n_params, dtype=float), np.asarray(tokens, dtype=float)
+
+
+def loss_itself(loss: np.ndarray) -> tuple:
+    """(L,): a law of the loss alone."""
+    return (loss,)
+
+
+# Below this, exp(-gamma L) is linear to 1% across the fit points' loss range.
+LINEAR_ERROR_LAW = 0.01
+
+
+def straight_error_law(inputs: tuple, params: np.ndarray) -> str | None:
+    """Err(L) whose exponential is a straight line over the fit points: its curvature is not
+    identified."""
+    (loss,) = inputs
+    epsilon, k, gamma = params
+    if not gamma * np.ptp(loss) < LINEAR_ERROR_LAW:
+        return None
+    return (
+        f"is a straight line over the fit points (gamma {gamma:.2g}; epsilon {epsilon:.3g} and "
+        f"k {k:.3g} grow together): its curvature is not identified, only the line "
+        f"epsilon - k + k gamma L; the predictions are that line's"
+    )
+
+
+PAPER = Form(
+    name="paper",
+    predicts=LOSS,
+    source=SIZE,
+    variables=compute_and_multiplier,
+    law=laws.loss,
+    params=("E", "a", "b", "eta"),
+    fitting=LeastSquares(laws.loss_jacobian, paper_starts),
+)
+CHINCHILLA = Form(
+    name="chinchilla",
+    predicts=LOSS,
+    source=SIZE,
+    variables=params_and_tokens,
+    law=laws.chinchilla_loss,
+    params=("E", "A", "B", "alpha", "beta"),
+    fitting=HuberOnLogLoss(grid=CHINCHILLA_GRID, delta=1e-3),
+)
+EXPONENTIAL = Form(
+    name="exponential",
+    predicts=ERROR,
+    source=LOSS,
+    variables=loss_itself,
+    law=laws.error,
+    params=("epsilon", "k", "gamma"),
+    fitting=LeastSquares(laws.error_jacobian, lambda settings: ERROR_START),
+    label="{loss}",
+    caveat=straight_error_law,
+)
+
+FORMS: tuple[Form, ...] = (PAPER, CHINCHILLA, EXPONENTIAL)
+
+
+def predicting(quantity: str) -> list[Form]:
+    """The registered forms that predict ``quantity`` (LOSS or ERROR), reference first."""
+    return [form for form in FORMS if form.predicts == quantity]
+
+
+@dataclass(frozen=True)
+class Link:
+    """A form where it sits in a chain: first (``after`` None), or after the loss form whose
+    predicted loss it is fed (a form of the loss)."""
+
+    form: Form
+    after: Form | None = None
+
+    @property
+    def label(self) -> str:
+        """The 'form' column of this link's predictions and parameters."""
+        return self.form.chain_label(self.after)
+
+
+def links() -> list[Link]:
+    """Every form in every chain, in the order the chains are predicted: each form of the
+    size, followed, when it predicts loss, by each form of the loss."""
+    of_loss = [form for form in FORMS if form.source == LOSS]
+    return [
+        link
+        for form in FORMS
+        if form.source == SIZE
+        for link in [Link(form)] + [Link(then, form) for then in of_loss if form.predicts == LOSS]
+    ]
+
+
+def chain_labels(quantity: str) -> list[str]:
+    """The 'form' column of every chain that predicts ``quantity``, in registry order."""
+    return [link.label for link in links() if link.form.predicts == quantity]
