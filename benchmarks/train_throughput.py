@@ -4,7 +4,7 @@ Each shape is trained as a pipeline run of the project's config would be: the co
 (``config.yaml``, the preset's, or ``--config``) is validated, which fills in the schema's
 defaults, one of its sizes (``--size``, or its first) gets the benchmarked shape, and
 ``workflow.settings`` builds the run's ``RunSpec`` and ``EngineSettings`` from it. The
-trainer is ``workflow.train.build_trainer``'s and the timed step ``workflow.train.train_step``
+trainer is ``workflow.step.build_trainer``'s and the timed step ``workflow.step.train_step``
 (fused output loss, AdamW, clipping, bf16 autocast on CUDA, and the engine's options), on
 random token ids, so the numbers are what a pipeline run gets minus data loading. FLOPs per
 token are ``workflow.device.flops_per_token``: ``6 N + 12 L d T`` (N = every parameter, as
@@ -34,7 +34,7 @@ from workflow.device import flops_per_token, peak_tflops, resolve_device
 from workflow.distributed import SINGLE_PROCESS
 from workflow.runs import make_run
 from workflow.settings import EngineSettings, RunSpec, engine_settings, run_spec
-from workflow.train import Batch, build_trainer, train_step
+from workflow.step import Batch, build_trainer, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 # name -> (d_model, n_layers, n_heads), and the config whose vocabulary, context, SwiGLU

@@ -22,23 +22,18 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from workflow.config import validate_config
 from workflow.device import flops_per_token, to_device
 from workflow.distributed import Processes
 from workflow.errors import TrainError
 from workflow.model import IGNORE_INDEX, TrainingObjective, build_model
-from workflow.resume import RESUME_FORMAT
-from workflow.runs import checkpoint_steps, count_parameters, ffn_hidden_size
-from workflow.settings import EngineSettings, RunSpec
+from workflow.resume import RESUME_FORMAT, spec_hash
+from workflow.runs import checkpoint_steps, count_parameters, ffn_hidden_size, trained_runs
+from workflow.settings import EngineSettings, RunSpec, engine_settings, run_spec
 from workflow.shards import TokenShards, read_batch, write_shards
-from workflow.train import (
-    Batch,
-    Outputs,
-    StepSettings,
-    learning_rate,
-    make_optimizer,
-    train,
-    train_step,
-)
+from workflow.step import Batch, StepSettings, learning_rate, make_optimizer, train_step
+from workflow.telemetry import divergence
+from workflow.train import Outputs, train
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 256
@@ -78,7 +73,6 @@ def make_spec(tokens: int, **overrides) -> RunSpec:
         grad_clip=1.0,
         seed=0,
         device="cpu",
-        log_every=10,
     )
     return dataclasses.replace(spec, **overrides)
 
@@ -91,6 +85,7 @@ def make_engine(**overrides) -> EngineSettings:
         compile=False,
         peak_tflops=None,
         resume_every=1000,
+        log_every=10,
     )
     return dataclasses.replace(engine, **overrides)
 
@@ -206,6 +201,7 @@ def test_run_consumes_exactly_d_tokens(data, tmp_path):
     curve = pd.read_parquet(tmp_path / "curve.parquet")
     assert summary == written
     assert written["tokens"] == tokens
+    assert written["diverged"] is False and written["divergence_reason"] is None
     assert written["steps"] == 31 == spec.checkpoint_steps[-1]
     assert list(curve.columns) == [
         "step",
@@ -397,8 +393,8 @@ def test_interrupted_runs_resume_to_the_uninterrupted_result(data, tmp_path, cap
     The last leg resumes under other engine settings (activation checkpointing, no periodic
     saves): they are not part of the resume state's identity, and change no result.
     """
-    spec = make_spec(700 * TOKENS_PER_STEP - 7, log_every=20)
-    engine = make_engine(resume_every=30)
+    spec = make_spec(700 * TOKENS_PER_STEP - 7)
+    engine = make_engine(resume_every=30, log_every=20)
     run_dir = tmp_path / "interrupted"
     resume_path = run_dir / "work" / "resume.pt"
     environment = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -440,9 +436,10 @@ def test_interrupted_runs_resume_to_the_uninterrupted_result(data, tmp_path, cap
     assert not any((run_dir / name).exists() for name in OUTPUTS)
 
     capfd.readouterr()
-    resumed = run_train(spec, data, run_dir, make_engine(activation_checkpointing=True))
+    resumed_engine = make_engine(activation_checkpointing=True, log_every=20)
+    resumed = run_train(spec, data, run_dir, resumed_engine)
     assert f"resuming at step {killed_at}/700" in capfd.readouterr().err
-    uninterrupted = run_train(spec, data, tmp_path / "uninterrupted")
+    uninterrupted = run_train(spec, data, tmp_path / "uninterrupted", make_engine(log_every=20))
     assert resumed["final_loss"] == uninterrupted["final_loss"]
     columns = ["step", "tokens", "loss", "lr"]
     resumed_curve = pd.read_parquet(run_dir / "curve.parquet")[columns]
@@ -465,3 +462,42 @@ def test_a_resume_state_of_another_spec_is_discarded(data, tmp_path, capfd):
     run_train(spec, data, tmp_path)
     assert "discarding the resume state of a different spec" in capfd.readouterr().err
     assert json.loads((tmp_path / "train.json").read_text())["steps"] == 20
+
+
+def test_log_every_is_an_engine_setting_and_changes_no_run(tiny_config):
+    """How often a run logs changes none of its weights: it is not in the hashed RunSpec, so
+    changing it re-runs nothing and a killed run resumes under the new value."""
+    specs, engines = [], []
+    for log_every in (5, 50):
+        tiny_config["train"]["log_every"] = log_every
+        config = validate_config(tiny_config)
+        run = trained_runs(config)[0]
+        specs.append(run_spec(config, run))
+        engines.append(engine_settings(config, run))
+    assert specs[0] == specs[1] and spec_hash(specs[0]) == spec_hash(specs[1])
+    assert [engine.log_every for engine in engines] == [5, 50]
+
+
+def curve_of(losses: list[float], tokens_per_row: int = 100) -> list[dict]:
+    """Curve rows of equal token counts with the given losses."""
+    return [
+        {"step": 10 * (row + 1), "tokens": tokens_per_row * (row + 1), "loss": loss}
+        for row, loss in enumerate(losses)
+    ]
+
+
+def test_divergence_is_a_late_rise_well_above_the_lowest_smoothed_loss():
+    learning = [5.0 / (1 + 0.1 * row) + 0.05 * (-1) ** row for row in range(50)]
+    assert divergence(curve_of(learning), 5000) is None
+    # A short last step (1 token) at a high loss joins the rows before it: no alarm.
+    short_last = [*curve_of(learning), {"step": 501, "tokens": 5001, "loss": 9.0}]
+    assert divergence(short_last, 5001) is None
+    # The last tenth (5 rows) ends 30% above the last row before it, 31% above the lowest
+    # 5-row mean: diverged, and the reason names both means and their steps.
+    rising = learning[:45] + [learning[44] * 1.3] * 5
+    assert divergence(curve_of(rising), 5000) == (
+        "the mean training loss of the last tenth of the tokens (steps 451-500) is 1.2687, "
+        "31% above its lowest, 0.9711 (steps 391-440)"
+    )
+    # 15% above is within the margin.
+    assert divergence(curve_of(learning[:45] + [learning[44] * 1.15] * 5), 5000) is None

@@ -1,7 +1,9 @@
 """Aggregate stage: every per-checkpoint evaluation into one typed Parquet table.
 
 Loss evaluations are one row each; a downstream summary gives one accuracy row per task and
-the suite's average-error row, named after the suite (see ``workflow.downstream``).
+the suite's average-error row, named after the suite (see ``workflow.downstream``). A task's
+``chance`` is its summary's (a uniform guess's accuracy); the average's is the mean of its
+tasks' errors at chance, 1 - chance, or null where a task's is unknown.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from workflow.tables import RUNS_SCHEMA, write_runs_table
+from workflow.tables import RUNS_OPTIONAL, RUNS_SCHEMA, write_runs_table
 
 
 class AggregateError(ValueError):
@@ -22,10 +24,10 @@ class AggregateError(ValueError):
 
 
 def _checked(record: dict, path: str | Path) -> dict:
-    missing = set(RUNS_SCHEMA.names) - set(record)
+    missing = set(RUNS_SCHEMA.names) - set(record) - set(RUNS_OPTIONAL)
     if missing:
         raise AggregateError(f"{path} lacks keys {sorted(missing)} of the runs table")
-    return {name: record[name] for name in RUNS_SCHEMA.names}
+    return {name: record.get(name) for name in RUNS_SCHEMA.names}
 
 
 def summary_rows(summary: dict) -> list[dict]:
@@ -39,9 +41,11 @@ def summary_rows(summary: dict) -> list[dict]:
             "ci_low": task["interval"][0],
             "ci_high": task["interval"][1],
             "n_examples": task["n_examples"],
+            "chance": task.get("chance"),
         }
         for name, task in summary["tasks"].items()
     ]
+    chances = [task.get("chance") for task in summary["tasks"].values()]
     low, high = summary["average_error_interval"]
     rows.append(
         {
@@ -52,6 +56,11 @@ def summary_rows(summary: dict) -> list[dict]:
             "ci_low": low,
             "ci_high": high,
             "n_examples": sum(task["n_examples"] for task in summary["tasks"].values()),
+            "chance": (
+                sum(1.0 - chance for chance in chances) / len(chances)
+                if None not in chances
+                else None
+            ),
         }
     )
     return rows

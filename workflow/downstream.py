@@ -138,12 +138,12 @@ def evaluate_downstream(
     device: str,
 ) -> dict:
     """Run the suite on one checkpoint; write lm-eval's results and the summary."""
-    from lm_eval.utils import handle_non_serializable
-
     manifest, task_specs = read_manifest(suite_dir)
     check_checkpoint(checkpoint)
     for output in (results_path, summary_path):
         remove_stale_temporaries(output)
+    from lm_eval.utils import handle_non_serializable  # slow to import: after the checks
+
     started = time.perf_counter()
     results = run_lm_eval(checkpoint, manifest["include_path"], task_specs, batch_size, device)
     seconds = time.perf_counter() - started

@@ -4,7 +4,9 @@ A form is what the rest of the stage needs to fit a law and predict with it: the
 function in ``workflow.laws``), its parameters' names, what it predicts (a run's loss, or its
 downstream error) and from what (a run's size N and D, or a loss), and how it is fitted (a
 start grid with Levenberg-Marquardt and the law's Jacobian, or an objective with L-BFGS). The
-stage loops over the registry; nothing matches a form by its name.
+stage loops over the registry; nothing matches a form by its name. A form of the error is
+fitted on each task group's average error and on each task's accuracy, as its error
+1 - accuracy.
 
 - ``paper``: L(C, M) = E + (a M^eta + b M^-eta) C^-eta on raw loss, with Levenberg-Marquardt
   (scipy's curve_fit) from the 128-start grid of the paper's code, keeping the lowest residual.
@@ -14,7 +16,16 @@ stage loops over the registry; nothing matches a form by its name.
   (``workflow.routines``).
 - ``exponential``: the paper's error law Err(L) = epsilon - k exp(-gamma L), from curve_fit's
   default start. It is fitted on the measured loss and predicts from each loss form's predicted
-  loss, so it ends every loss form's chain and its rows carry that loss form's name.
+  loss, so it ends every loss form's chain and its rows carry that loss form's name. Nothing
+  keeps it in [0, 1]: the prediction stage clips it there and marks the rows it clipped.
+- ``sigmoid``: Err(L) = Err_chance sigma(a + b L), the OLMo ladder's second step (Bhagia et
+  al. 2024) bounded by the error at chance and 0; it ends every loss form's chain too, as
+  "{loss form}+sigmoid".
+- ``direct``: Err(C, M) = Err_chance sigma(a + b ln C + m ln M), from the run's size with no
+  loss in between.
+
+Both bounded forms are fitted on error / Err_chance, by Levenberg-Marquardt from the straight
+line through the logits of the points; Err_chance is the runs' ``chance`` (1 where unknown).
 
 The first form registered for a quantity is its reference: its residuals give the bootstrap's
 sd of a fit point that has no interval of its own (``workflow.bootstrap``).
@@ -34,6 +45,7 @@ from workflow.routines import Fitting, HuberOnLogLoss, LeastSquares
 from workflow.settings import FitSettings
 
 LOSS, ERROR = "loss", "error"  # what a form predicts: a metric of runs.parquet
+ACCURACY = "accuracy"  # a task's metric, fitted by the forms of the error as 1 - accuracy
 SIZE = "size"  # a form of a run's N and D (the other source is LOSS: a form of a loss)
 
 
@@ -51,8 +63,12 @@ class Form:
     # The 'form' column of the predictions this form ends: "{name}" is its own name, "{loss}"
     # the name of the loss form whose chain it ends (a form of the loss).
     label: str = "{name}"
-    # What a reader should know about a fit (inputs at its points, parameters), or None.
-    caveat: Callable[[tuple, np.ndarray], str | None] = lambda inputs, params: None
+    # Why a fit (inputs at its points, parameters) is degenerate, its constants meaningless,
+    # or None.
+    degenerate: Callable[[tuple, np.ndarray], str | None] = lambda inputs, params: None
+    # The law gives the error as a fraction of its value at chance: fitted on error / chance
+    # error, its predictions multiplied back, so they stay between 0 and chance.
+    of_chance: bool = False
 
     def predict(self, source: tuple, params) -> np.ndarray:
         """The law at ``source`` (the arrays its source names), broadcasting over ``params``."""
@@ -90,7 +106,7 @@ CHINCHILLA_GRID = np.array(
 )
 
 
-def paper_starts(settings: FitSettings) -> np.ndarray:
+def paper_starts(settings: FitSettings, inputs: tuple = (), values: ArrayLike = ()) -> np.ndarray:
     """``settings.starts`` starting points: the paper's 128, an evenly spaced subset, or 128
     plus random ones (drawn with ``settings.seed``)."""
     count = settings.starts
@@ -127,22 +143,64 @@ def loss_itself(loss: np.ndarray) -> tuple:
     return (loss,)
 
 
+# Fractions of the chance error nearer 0 or 1 than this are moved to it before their logit is
+# taken for a start.
+LOGIT_MARGIN = 0.02
+
+
+def logit_starts(design: Callable[..., list[np.ndarray]]) -> Callable:
+    """Starts for sigma(a + ...) at the points: the least-squares line through their logits
+    (``design`` gives its columns from the law's inputs), and the flat curve at their mean."""
+
+    def starts(settings: FitSettings, inputs: tuple, values: np.ndarray) -> np.ndarray:
+        columns = np.column_stack(design(*inputs))
+        logits = _logit(np.clip(values, LOGIT_MARGIN, 1 - LOGIT_MARGIN))
+        line = np.linalg.lstsq(columns, logits, rcond=None)[0]
+        flat = np.zeros_like(line)
+        flat[0] = _logit(np.clip(np.mean(values), LOGIT_MARGIN, 1 - LOGIT_MARGIN))
+        return np.array([line, flat])
+
+    return starts
+
+
+def _logit(fraction: ArrayLike) -> np.ndarray:
+    return np.log(fraction) - np.log1p(-np.asarray(fraction))
+
+
+def loss_design(loss: np.ndarray) -> list[np.ndarray]:
+    """The columns of a + b L."""
+    return [np.ones_like(loss), loss]
+
+
+def size_design(compute_flops: np.ndarray, multiplier: np.ndarray) -> list[np.ndarray]:
+    """The columns of a + b ln C + m ln M."""
+    return [np.ones_like(compute_flops), np.log(compute_flops), np.log(multiplier)]
+
+
 # Below this, exp(-gamma L) is linear to 1% across the fit points' loss range.
 LINEAR_ERROR_LAW = 0.01
 
 
 def straight_error_law(inputs: tuple, params: np.ndarray) -> str | None:
     """Err(L) whose exponential is a straight line over the fit points: its curvature is not
-    identified."""
+    identified, and epsilon and k are meaningless apart."""
     (loss,) = inputs
-    epsilon, k, gamma = params
+    _, k, gamma = params
     if not gamma * np.ptp(loss) < LINEAR_ERROR_LAW:
         return None
+    intercept, slope = straight_line(params)
     return (
-        f"is a straight line over the fit points (gamma {gamma:.2g}; epsilon {epsilon:.3g} and "
-        f"k {k:.3g} grow together): its curvature is not identified, only the line "
-        f"epsilon - k + k gamma L; the predictions are that line's"
+        f"a straight line over the fit points, Err = {intercept:.4g} + {slope:.4g} L "
+        f"(gamma {gamma:.2g} while epsilon and k grow together to {k:.3g}): its curvature is "
+        "not identified; the predictions follow the line, clipped to [0, 1]"
     )
+
+
+def straight_line(params: ArrayLike) -> tuple[float, float]:
+    """(intercept, slope) of the line epsilon - k + k gamma L that Err(L) = epsilon -
+    k exp(-gamma L) is at small gamma L."""
+    epsilon, k, gamma = params
+    return epsilon - k, k * gamma
 
 
 PAPER = Form(
@@ -170,17 +228,52 @@ EXPONENTIAL = Form(
     variables=loss_itself,
     law=laws.error,
     params=("epsilon", "k", "gamma"),
-    fitting=LeastSquares(laws.error_jacobian, lambda settings: ERROR_START),
+    fitting=LeastSquares(laws.error_jacobian, lambda *problem: ERROR_START, batched_refits=True),
     label="{loss}",
-    caveat=straight_error_law,
+    degenerate=straight_error_law,
+)
+SIGMOID = Form(
+    name="sigmoid",
+    predicts=ERROR,
+    source=LOSS,
+    variables=loss_itself,
+    law=laws.sigmoid_of_loss,
+    params=("a", "b"),
+    fitting=LeastSquares(
+        laws.sigmoid_of_loss_jacobian, logit_starts(loss_design), batched_refits=True
+    ),
+    label="{loss}+sigmoid",
+    of_chance=True,
+)
+DIRECT = Form(
+    name="direct",
+    predicts=ERROR,
+    source=SIZE,
+    variables=compute_and_multiplier,
+    law=laws.sigmoid_of_compute,
+    params=("a", "b", "m"),
+    fitting=LeastSquares(
+        laws.sigmoid_of_compute_jacobian, logit_starts(size_design), batched_refits=True
+    ),
+    of_chance=True,
 )
 
-FORMS: tuple[Form, ...] = (PAPER, CHINCHILLA, EXPONENTIAL)
+FORMS: tuple[Form, ...] = (PAPER, CHINCHILLA, EXPONENTIAL, SIGMOID, DIRECT)
+
+
+# The metrics of runs.parquet the forms predicting a quantity are fitted on, each on its own.
+FITTED_ON = {LOSS: (LOSS,), ERROR: (ERROR, ACCURACY)}
+
+
+def fitted_as(metric: str) -> str:
+    """What the forms fitted on ``metric`` predict: an accuracy is fitted as its error."""
+    return ERROR if metric == ACCURACY else metric
 
 
 def predicting(quantity: str) -> list[Form]:
-    """The registered forms that predict ``quantity`` (LOSS or ERROR), reference first."""
-    return [form for form in FORMS if form.predicts == quantity]
+    """The registered forms that predict ``quantity`` (LOSS, ERROR or ACCURACY), reference
+    first."""
+    return [form for form in FORMS if form.predicts == fitted_as(quantity)]
 
 
 @dataclass(frozen=True)
@@ -211,4 +304,4 @@ def links() -> list[Link]:
 
 def chain_labels(quantity: str) -> list[str]:
     """The 'form' column of every chain that predicts ``quantity``, in registry order."""
-    return [link.label for link in links() if link.form.predicts == quantity]
+    return [link.label for link in links() if link.form.predicts == fitted_as(quantity)]

@@ -6,8 +6,9 @@ are read, and both end as the long layout the fit stage reads (``workflow.tables
 - long: one row per (run, checkpoint, evaluation), the columns of runs.parquet. ``dataset``,
   ``N``, ``D``, ``metric`` (loss, accuracy or error), ``eval`` and ``value`` are required;
   ``size`` (default: a name derived from N), ``M`` (D / N), ``tokens`` (D), ``step``,
-  ``final`` (the row of a run with the most tokens), ``ci_low``, ``ci_high`` and
-  ``n_examples`` are optional.
+  ``final`` (the row of a run with the most tokens), ``ci_low``, ``ci_high``,
+  ``n_examples`` and ``chance`` (a task's accuracy at chance, an average's error at chance)
+  are optional.
 - wide: one row per run or checkpoint and one column per evaluation, read through the
   config's ``columns`` mapping (which column holds N, D or tokens, which hold losses,
   accuracies or error averages). Accuracies also give their average error under
@@ -35,7 +36,9 @@ from workflow.tables import write_runs_table
 
 METRICS = ("loss", "accuracy", "error")
 LONG_REQUIRED = ("dataset", "N", "D", "metric", "eval", "value")
-LONG_OPTIONAL = ("size", "M", "tokens", "step", "final", "ci_low", "ci_high", "n_examples")
+LONG_OPTIONAL = (
+    "size", "M", "tokens", "step", "final", "ci_low", "ci_high", "n_examples", "chance"
+)  # fmt: skip
 # Rows are numbered as a reader of the file counts them: the first data row is row 1.
 FIRST_ROW = 1
 
@@ -164,7 +167,7 @@ def normalise(frame: pd.DataFrame, source: str) -> pd.DataFrame:
         else table["D"]
     )
     table["step"] = pd.array(frame["step"] if "step" in frame else [None] * len(frame), "Int64")
-    for column in ("ci_low", "ci_high"):
+    for column in ("ci_low", "ci_high", "chance"):
         table[column] = pd.to_numeric(frame[column]) if column in frame else np.nan
     table["n_examples"] = pd.array(
         frame["n_examples"] if "n_examples" in frame else [None] * len(frame), "Int64"

@@ -27,9 +27,11 @@ class DamagedOutputError(ValueError):
     command that rebuilds it."""
 
 
-def rebuild_hint(output: str | Path) -> str:
+def rebuild_hint(output: str | Path, action: str) -> str:
     """How to make Snakemake rebuild ``output`` (and redo what was computed from it)."""
-    return f"rebuild it with `snakemake --forcerun {output}` (or delete it and re-run snakemake)"
+    return (
+        f"{action} with `snakemake --forcerun {output}` (or delete {output} and re-run snakemake)"
+    )
 
 
 def check_checkpoint(directory: str | Path) -> None:
@@ -47,8 +49,8 @@ def check_checkpoint(directory: str | Path) -> None:
     else:
         return
     raise DamagedOutputError(
-        f"checkpoint {directory} {problem}. It comes from the run's training: "
-        + rebuild_hint(directory.parent)
+        f"checkpoint {directory} {problem}. A run's checkpoints come from its training: "
+        + rebuild_hint(directory.parent, "retrain the run")
     )
 
 
@@ -83,6 +85,6 @@ def remove_stale_temporaries(final: str | Path) -> list[Path]:
             shutil.rmtree(sibling, ignore_errors=True)
         else:
             sibling.unlink(missing_ok=True)
-        print(f"removed {sibling}, left by process {pid}, which was killed", file=sys.stderr)
+        print(f"removed {sibling}, left by process {pid}, which has ended", file=sys.stderr)
         removed.append(sibling)
     return removed

@@ -2,10 +2,16 @@
 on them with its bootstrap replicates.
 
 Each loss form is fitted on each loss evaluation (validation set) on its own, so a reader sees
-how much the choice of form moves a prediction. The error forms are fitted per task group on
-the *measured* loss of ``loss_eval`` (as the paper does); predictions then feed them the
-*predicted* loss (``workflow.predict``). The fit stage and the planner both fit here, so a
-plan's intervals are the fit stage's.
+how much the choice of form moves a prediction. The error forms are fitted per task group, and
+per task on its error 1 - accuracy, on the *measured* loss of ``loss_eval`` (as the paper
+does); predictions then feed them the *predicted* loss (``workflow.predict``). A loss law that
+cannot be fitted stops the stage; a downstream one is reported and left out (status
+``failed``). The fit stage and the planner both fit here, so a plan's intervals are the fit
+stage's.
+
+Whether a task can be predicted at all is read off its fit points before any law
+(``Predictability``): the error at chance less the error where the ladder ends, against the
+binomial noise of that measurement.
 """
 
 from __future__ import annotations
@@ -19,17 +25,44 @@ import pandas as pd
 from workflow import forms
 from workflow.bootstrap import measurement_sd, resample
 from workflow.errors import FitError
-from workflow.forms import ERROR, LOSS, SIZE, Form
+from workflow.forms import ACCURACY, ERROR, LOSS, SIZE, Form
+from workflow.intervals import Z_95
 from workflow.settings import FitSettings
+
+DOWNSTREAM = (ERROR, ACCURACY)  # fitted in this order, so the error averages' draws come first
+OK, DEGENERATE, FAILED = "ok", "degenerate", "failed"  # a fit's status
+# A task is predictable when, at the fit point with the most compute, its error is below its
+# error at chance by more than this many sds of that measurement's binomial noise.
+SIGNAL_SDS = 3.0
 
 
 @dataclass(frozen=True)
 class Fitted:
     """A law fitted on one evaluation: its parameters and its bootstrap replicates, one row
-    each (NaN where a refit did not converge)."""
+    each (NaN where a refit did not converge), its status (OK, DEGENERATE or FAILED), and the
+    factor its law's values are multiplied by (the error at chance for a form of it)."""
 
     params: np.ndarray
     replicates: np.ndarray
+    status: str = OK
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class Predictability:
+    """A downstream evaluation's signal at the fit points: its error at chance less its error
+    at the fit point with the most compute, and that measurement's sd (an accuracy's binomial
+    sd from its items, else from its interval; NaN where neither is known)."""
+
+    signal: float
+    noise: float
+
+    @property
+    def predictable(self) -> bool | None:
+        """Signal above SIGNAL_SDS sds of noise; None where the noise is unknown."""
+        if not np.isfinite(self.noise):
+            return None
+        return bool(self.signal > SIGNAL_SDS * self.noise)
 
 
 @dataclass(frozen=True)
@@ -55,10 +88,14 @@ class LadderMeasurements:
             .sort_values(["N", "M"])
             .reset_index(drop=True)
         )
-        fitted = final[final["metric"].isin([LOSS, ERROR])]  # accuracies are not fitted
+        if "chance" not in final:
+            final = final.assign(chance=np.nan)
+        columns = ["size", "M", "value", "ci_low", "ci_high", "n_examples", "chance"]
         measured = {
-            key: table.merge(rows[["size", "M", "value", "ci_low", "ci_high"]], how="left")
-            for key, rows in fitted.groupby(["metric", "eval"])
+            key: table.merge(rows[columns], how="left")
+            for key, rows in final[final["metric"].isin([LOSS, *DOWNSTREAM])].groupby(
+                ["metric", "eval"]
+            )
         }
         return cls(dataset, table, measured)
 
@@ -67,6 +104,39 @@ class LadderMeasurements:
 
     def value(self, metric: str, eval_name: str, column: str = "value") -> np.ndarray:
         return self.measured[(metric, eval_name)][column].to_numpy(float, na_value=np.nan)
+
+    def fitted_value(self, metric: str, eval_name: str) -> np.ndarray:
+        """What the forms are fitted on: the value, or an accuracy's error 1 - accuracy."""
+        value = self.value(metric, eval_name)
+        return 1.0 - value if metric == ACCURACY else value
+
+    def chance(self, metric: str, eval_name: str) -> float:
+        """The evaluation's value at chance (runs.parquet's ``chance``); NaN where unknown."""
+        chance = self.value(metric, eval_name, "chance")
+        return (
+            float(np.median(chance[np.isfinite(chance)])) if np.isfinite(chance).any() else np.nan
+        )
+
+    def chance_error(self, metric: str, eval_name: str) -> float:
+        """The error at chance: an error row's chance, 1 - an accuracy row's; 1 where unknown."""
+        chance = self.chance(metric, eval_name)
+        error = 1.0 - chance if metric == ACCURACY else chance
+        return float(error) if 0.0 < error <= 1.0 else 1.0
+
+    def predictability(self, metric: str, eval_name: str, selected: np.ndarray) -> Predictability:
+        """The signal and noise of a downstream evaluation at the fit points ``selected``."""
+        error = self.fitted_value(metric, eval_name)
+        measured = selected & np.isfinite(error)
+        if not measured.any():
+            return Predictability(np.nan, np.nan)
+        compute = np.where(measured, self.table["N"].to_numpy(float) * self.table["D"], -np.inf)
+        last = int(np.argmax(compute))
+        items = self.value(metric, eval_name, "n_examples")[last]
+        noise = self.interval_width(metric, eval_name)[last] / (2 * Z_95)
+        if metric == ACCURACY and items > 0:
+            shrunk = (error[last] * items + 1) / (items + 2)  # a task at 0 or 1 has noise too
+            noise = np.sqrt(shrunk * (1 - shrunk) / items)
+        return Predictability(self.chance_error(metric, eval_name) - error[last], float(noise))
 
     def interval_width(self, metric: str, eval_name: str) -> np.ndarray:
         """ci_high - ci_low of each run (NaN where a measurement has no interval)."""
@@ -112,20 +182,22 @@ class LadderMeasurements:
 
 @dataclass(frozen=True)
 class LadderFits:
-    """Every registered form fitted on one dataset's final runs, and which runs were each
-    quantity's fit points."""
+    """Every registered form fitted on one dataset's final runs, which runs were each
+    quantity's fit points, and each downstream evaluation's predictability."""
 
     measurements: LadderMeasurements
-    points: dict[str, np.ndarray]  # LOSS, ERROR -> which runs are that law's fit points
-    fits: dict[tuple[str, str], Fitted]  # (form name, evaluation) -> the fit
+    points: dict[str, np.ndarray]  # LOSS, ERROR, ACCURACY -> which runs are its fit points
+    fits: dict[tuple[str, str, str], Fitted]  # (form name, metric, evaluation) -> the fit
+    predictability: dict[tuple[str, str], Predictability]  # (metric, evaluation) -> it
 
-    def of(self, form: Form, eval_name: str) -> Fitted:
-        return self.fits[(form.name, eval_name)]
+    def of(self, form: Form, eval_name: str, metric: str | None = None) -> Fitted:
+        """``form``'s fit on ``eval_name`` of ``metric`` (default: what the form predicts)."""
+        return self.fits[(form.name, metric or form.predicts, eval_name)]
 
 
 def fit_ladder(dataset: str, final: pd.DataFrame, settings: FitSettings) -> LadderFits:
-    """Every loss form on every validation set, and every error form on every task group on
-    the loss of ``settings.loss_eval``, each with its bootstrap replicates."""
+    """Every loss form on every validation set, and every error form on every task group and
+    task on the loss of ``settings.loss_eval``, each with its bootstrap replicates."""
     measurements = LadderMeasurements.from_rows(dataset, final)
     loss_eval = settings.loss_eval
     if loss_eval not in measurements.evals(LOSS):
@@ -139,82 +211,111 @@ def fit_ladder(dataset: str, final: pd.DataFrame, settings: FitSettings) -> Ladd
     fits, loss_samples = _fit_quantity(
         measurements, LOSS, points[LOSS], {SIZE: sizes}, {SIZE: sizes}, settings, rng
     )
-    points[ERROR] = np.zeros_like(points[LOSS])
-    if measurements.evals(ERROR):
-        points[ERROR] = measurements.select(settings.error_points, ERROR)
-        error_fits, _ = _fit_quantity(
+    downstream = np.zeros_like(points[LOSS])
+    if any(measurements.evals(metric) for metric in DOWNSTREAM):
+        downstream = measurements.select(settings.error_points, ERROR)
+    predictability = {}
+    for metric in DOWNSTREAM:
+        points[metric] = downstream
+        if not measurements.evals(metric):
+            continue
+        metric_fits, _ = _fit_quantity(
             measurements,
-            ERROR,
-            points[ERROR],
+            metric,
+            downstream,
             {SIZE: sizes, LOSS: (measurements.value(LOSS, loss_eval),)},
             {SIZE: sizes, LOSS: (loss_samples[loss_eval],)},
             settings,
             rng,
         )
-        fits.update(error_fits)
-    return LadderFits(measurements, points, fits)
+        fits.update(metric_fits)
+        for eval_name in measurements.evals(metric):
+            predictability[(metric, eval_name)] = measurements.predictability(
+                metric, eval_name, downstream
+            )
+    return LadderFits(measurements, points, fits, predictability)
 
 
 def _fit_quantity(
     measurements: LadderMeasurements,
-    quantity: str,
+    metric: str,
     selected: np.ndarray,
     sources: dict[str, tuple[np.ndarray, ...]],
     replicate_sources: dict[str, tuple[np.ndarray, ...]],
     settings: FitSettings,
     rng: np.random.Generator,
-) -> tuple[dict[tuple[str, str], Fitted], dict[str, np.ndarray]]:
-    """Every form predicting ``quantity`` on each of its evaluations, with bootstrap
-    replicates; also returns each evaluation's bootstrap samples (replicates x runs).
+) -> tuple[dict[tuple[str, str, str], Fitted], dict[str, np.ndarray]]:
+    """Every form fitted on each evaluation of ``metric``, with bootstrap replicates; also
+    returns each evaluation's bootstrap samples (replicates x runs).
 
     ``sources`` holds the arrays (one value per run) each source of a form stands for while
     fitting, ``replicate_sources`` those of each replicate's refit (replicates x runs where
-    they are resampled themselves). The samples are drawn once, after the quantity's
-    reference form (its first) is fitted, and every form is refitted on them.
+    they are resampled themselves). The samples are drawn once, from the residuals of the
+    first form (in registry order) that fitted the evaluation, and every form is refitted on
+    them. A form of the chance fraction is fitted on value / error at chance.
     """
-    evals = measurements.evals(quantity)
-    values = np.array([measurements.value(quantity, eval_name) for eval_name in evals])
-    fits, samples = {}, {}
-    for position, form in enumerate(forms.predicting(quantity)):
+    evals = measurements.evals(metric)
+    values = np.array([measurements.fitted_value(metric, eval_name) for eval_name in evals])
+    chance = np.array([measurements.chance_error(metric, eval_name) for eval_name in evals])
+    fits, samples, solved = {}, {}, []
+    for form in forms.predicting(metric):
         inputs = form.variables(*sources[form.source])
+        scale = chance if form.of_chance else np.ones(len(evals))
         used = selected & np.isfinite(values) & np.all([np.isfinite(x) for x in inputs], axis=0)
-        where = [_where(form, quantity, eval_name, settings.loss_eval) for eval_name in evals]
-        for index in range(len(evals)):
+        solution = form.fitting.fit(
+            form.law,
+            tuple(x[selected] for x in inputs),
+            values[:, selected] / scale[:, None],
+            settings,
+        )
+        status = np.where(solution.converged, OK, FAILED).astype(object)
+        for index, eval_name in enumerate(evals):
+            where = _where(form, metric, eval_name, settings.loss_eval)
+            reason = solution.failure
             if used[index].sum() < len(form.params):
                 reason = f"{used[index].sum()} points for {len(form.params)} parameters"
-                raise measurements.failure(where[index], reason, used[index], values[index])
-        solution = form.fitting.fit(
-            form.law, tuple(x[selected] for x in inputs), values[:, selected], settings
-        )
-        for index in np.flatnonzero(~solution.converged):
-            raise measurements.failure(where[index], solution.failure, used[index], values[index])
-        for index, eval_name in enumerate(evals):
-            caveat = form.caveat(tuple(x[used[index]] for x in inputs), solution.params[index])
-            if caveat:
-                print(f"{measurements.dataset}: {quantity} law on {eval_name} {caveat}", flush=True)
-        if position == 0:
-            for index, eval_name in enumerate(evals):
-                points = used[index]
-                residuals = (
-                    form.law(*(x[points] for x in inputs), *solution.params[index])
-                    - values[index][points]
+                status[index] = FAILED
+            elif status[index] == OK:
+                reason = form.degenerate(
+                    tuple(x[used[index]] for x in inputs), solution.params[index]
                 )
-                width = measurements.interval_width(quantity, eval_name)
-                sd = measurement_sd(width, residuals, len(form.params))
-                samples[eval_name] = resample(values[index], sd, settings.bootstrap, rng)
+                status[index] = DEGENERATE if reason else OK
+            if status[index] == FAILED and metric == LOSS:
+                raise measurements.failure(where, reason, used[index], values[index])
+            if status[index] != OK:
+                print(f"{measurements.dataset}: {where} is {status[index]}: {reason}", flush=True)
+        solved.append((form, inputs, used, scale, solution, status))
+    for index, eval_name in enumerate(evals):
+        residuals, n_params = np.array([]), 0
+        for form, inputs, used, scale, solution, status in solved:
+            if status[index] != FAILED:
+                points = used[index]
+                fitted = form.law(*(x[points] for x in inputs), *solution.params[index])
+                residuals = scale[index] * fitted - values[index][points]
+                n_params = len(form.params)
+                break
+        width = measurements.interval_width(metric, eval_name)
+        sd = measurement_sd(width, residuals, n_params)
+        samples[eval_name] = resample(values[index], sd, settings.bootstrap, rng)
+    for form, _, _, scale, solution, status in solved:
         replicates = form.fitting.refit(
             form.law,
             tuple(x[..., selected] for x in form.variables(*replicate_sources[form.source])),
-            np.stack([samples[eval_name][:, selected] for eval_name in evals]),
+            np.stack([samples[eval_name][:, selected] for eval_name in evals])
+            / scale[:, None, None],
             solution,
         )
+        replicates[status == FAILED] = np.nan
+        params = np.where((status == FAILED)[:, None], np.nan, solution.params)
         for index, eval_name in enumerate(evals):
-            fits[(form.name, eval_name)] = Fitted(solution.params[index], replicates[index])
+            fits[(form.name, metric, eval_name)] = Fitted(
+                params[index], replicates[index], status[index], scale[index]
+            )
     return fits, samples
 
 
-def _where(form: Form, quantity: str, eval_name: str, loss_eval: str) -> str:
-    """The law a message is about: its quantity, evaluation and form (and x, for a form of
+def _where(form: Form, metric: str, eval_name: str, loss_eval: str) -> str:
+    """The law a message is about: its metric, evaluation and form (and x, for a form of
     the loss)."""
     x = f", x: {loss_eval} loss" if form.source == LOSS else ""
-    return f"{quantity} law on {eval_name} ({form.name} form{x})"
+    return f"{metric} law on {eval_name} ({form.name} form{x})"

@@ -10,7 +10,12 @@ over-training (M) is an explicit axis. Downstream top-1 error follows the loss,
     Err(L) = epsilon - k exp(-gamma L),
 
 and the prediction chain is (N, M) -> predicted loss -> predicted error: the error law is
-applied to the *predicted* loss, never to a measured one, so a prediction needs no run.
+applied to the *predicted* loss, never to a measured one, so a prediction needs no run. That
+law leaves [0, 1] at low enough loss; two bounded alternatives give the fraction of the error
+at chance that a model keeps, a logistic function sigma(z) = 1 / (1 + exp(-z)) of the loss or
+(with no loss in between) of log compute and log multiplier:
+
+    Err(L) / Err_chance = sigma(a + b L),    Err(C, M) / Err_chance = sigma(a + b ln C + m ln M).
 
 Every law is a function of its inputs and parameters only, so the fit stage, the plots and the
 tests share one definition; which laws are fitted, and how, is ``workflow.forms``. The
@@ -118,3 +123,41 @@ def chinchilla_loss(
     n_params = np.asarray(n_params, dtype=float)
     tokens = np.asarray(tokens, dtype=float)
     return E + A * n_params**-alpha + B * tokens**-beta
+
+
+def logistic(z: ArrayLike) -> np.ndarray:
+    """sigma(z) = 1 / (1 + exp(-z)), written with tanh so that no z overflows."""
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(z, dtype=float)))
+
+
+def sigmoid_of_loss(loss_value: ArrayLike, a: float, b: float) -> np.ndarray:
+    """sigma(a + b L): the fraction of its chance value that a downstream error keeps at loss L
+    (the form multiplies it by the error at chance)."""
+    return logistic(a + b * np.asarray(loss_value, dtype=float))
+
+
+def sigmoid_of_loss_jacobian(loss_value: ArrayLike, a: float, b: float) -> np.ndarray:
+    """d sigma(a + b L) / d (a, b): the last axis runs over the parameters."""
+    loss_value = np.asarray(loss_value, dtype=float)
+    value = sigmoid_of_loss(loss_value, a, b)
+    slope = value * (1.0 - value)
+    return np.stack(np.broadcast_arrays(slope, slope * loss_value), axis=-1)
+
+
+def sigmoid_of_compute(
+    compute_flops: ArrayLike, multiplier: ArrayLike, a: float, b: float, m: float
+) -> np.ndarray:
+    """sigma(a + b ln C + m ln M): the fraction of its chance value that a downstream error
+    keeps at compute C and multiplier M, with no loss in between."""
+    log_c, log_m = np.log(np.asarray(compute_flops, dtype=float)), np.log(multiplier, dtype=float)
+    return logistic(a + b * log_c + m * log_m)
+
+
+def sigmoid_of_compute_jacobian(
+    compute_flops: ArrayLike, multiplier: ArrayLike, a: float, b: float, m: float
+) -> np.ndarray:
+    """d sigma(a + b ln C + m ln M) / d (a, b, m): the last axis runs over the parameters."""
+    log_c, log_m = np.log(np.asarray(compute_flops, dtype=float)), np.log(multiplier, dtype=float)
+    value = logistic(a + b * log_c + m * log_m)
+    slope = value * (1.0 - value)
+    return np.stack(np.broadcast_arrays(slope, slope * log_c, slope * log_m), axis=-1)

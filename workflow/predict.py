@@ -5,8 +5,10 @@ A chain starts at a form of the run's size (N, D): each loss form, and any form 
 error from the size directly. Each loss form's chain goes on through every form of the loss,
 which predicts from the *predicted* loss, the chain one runs for a model nobody trained. Every
 target is predicted: the trained runs (fit points and targets) and the untrained ones the
-config lists. A prediction's interval comes from the same chain through each bootstrap
-replicate (``workflow.bootstrap``).
+config lists; a task's accuracy is 1 - its predicted error. A prediction's interval comes from
+the same chain through each bootstrap replicate (``workflow.bootstrap``). An error or accuracy
+outside [0, 1] (a form that is not bounded, at a loss far from its fit points) is clipped to
+it and the row says so (``clipped``); a law that could not be fitted predicts nothing (null).
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import numpy as np
 import pandas as pd
 
 from workflow import forms, laws
-from workflow.forms import ERROR, LOSS
+from workflow.forms import ACCURACY, FITTED_ON, LOSS
 from workflow.intervals import percentile_interval
-from workflow.ladder import LadderFits, fit_ladder
+from workflow.ladder import DOWNSTREAM, OK, LadderFits, fit_ladder
 from workflow.settings import FitSettings
 from workflow.tables import FITS_SCHEMA
 
@@ -35,16 +37,37 @@ def dataset_tables(
     targets = pd.concat([table, untrained[table.columns]], ignore_index=True)
     padding = np.zeros(len(untrained), dtype=bool)
     roles = {
-        quantity: np.concatenate([ladder.points[quantity], padding]) for quantity in (LOSS, ERROR)
+        quantity: np.concatenate([points, padding]) for quantity, points in ladder.points.items()
     }
     predictions = predict_targets(ladder, targets, roles, settings.loss_eval)
-    for (form_name, eval_name), fitted in ladder.fits.items():
+    report_fits(ladder)
+    return predictions, parameter_rows(ladder)
+
+
+def report_fits(ladder: LadderFits) -> None:
+    """Log each loss and error-average fit's parameters (a degenerate or failed one by its
+    status), and per form how the tasks' fits went."""
+    dataset = ladder.measurements.dataset
+    tasks: dict[str, list] = {}
+    for (form_name, metric, eval_name), fitted in ladder.fits.items():
         failed = int(np.isnan(fitted.replicates).any(axis=1).sum())
+        if metric == ACCURACY:
+            tasks.setdefault(form_name, []).append((fitted.status, failed))
+            continue
+        shown = (
+            np.array2string(fitted.params, precision=5) if fitted.status == OK else fitted.status
+        )
         print(
-            f"{dataset} {form_name} {eval_name}: {np.array2string(fitted.params, precision=5)}"
+            f"{dataset} {form_name} {eval_name}: {shown}"
             + (f"; {failed} of {len(fitted.replicates)} refits did not converge" if failed else "")
         )
-    return predictions, parameter_rows(ladder)
+    for form_name, outcomes in tasks.items():
+        statuses = pd.Series([status for status, _ in outcomes]).value_counts()
+        print(
+            f"{dataset} {form_name} on {len(outcomes)} tasks: "
+            + ", ".join(f"{count} {status}" for status, count in statuses.items())
+            + f"; {sum(failed for _, failed in outcomes)} refits did not converge"
+        )
 
 
 def predict_targets(
@@ -61,6 +84,7 @@ def predict_targets(
 
     def frame(label, quantity, eval_name, predicted, replicate_predictions) -> dict:
         low, high = percentile_interval(replicate_predictions)
+        predicted, low, high, clipped = within_bounds(quantity, predicted, low, high)
         actual = np.concatenate([measurements.value(quantity, eval_name), untrained])
         return {
             **{name: targets[name].to_numpy() for name in ("size", "N", "M", "D")},
@@ -72,45 +96,91 @@ def predict_targets(
             "role": np.where(roles[quantity], "fit", "target"),
             "predicted": predicted,
             "actual": actual,
-            "relative_error": np.abs(predicted - actual) / actual,
+            "relative_error": relative_error(predicted, actual),
             "ci_low": low,
             "ci_high": high,
+            "inside": inside_interval(actual, low, high),
+            "clipped": clipped,
         }
 
     predicted_loss = {}
     for link in forms.links():
         form = link.form
-        for eval_name in measurements.evals(form.predicts):
-            fitted = ladder.of(form, eval_name)
-            if link.after is None:
-                source = replicate_source = sizes
-            else:
-                loss, replicate_loss = predicted_loss[(link.after.name, loss_eval)]
-                source, replicate_source = (loss,), (replicate_loss,)
-            predicted = form.predict(source, fitted.params)
-            replicate_predictions = form.predict(replicate_source, _as_columns(fitted.replicates))
-            if form.predicts == LOSS:
-                predicted_loss[(form.name, eval_name)] = predicted, replicate_predictions
-            frames.append(
-                frame(link.label, form.predicts, eval_name, predicted, replicate_predictions)
-            )
+        if link.after is None:
+            source = replicate_source = sizes
+        else:
+            loss, replicate_loss = predicted_loss[(link.after.name, loss_eval)]
+            source, replicate_source = (loss,), (replicate_loss,)
+        for metric in FITTED_ON[form.predicts]:
+            for eval_name in measurements.evals(metric):
+                fitted = ladder.of(form, eval_name, metric)
+                predicted = fitted.scale * form.predict(source, fitted.params)
+                replicate_predictions = fitted.scale * form.predict(
+                    replicate_source, _as_columns(fitted.replicates)
+                )
+                # a refit that did not converge predicts nothing anywhere: leave its row out
+                replicate_predictions = replicate_predictions[
+                    ~np.isnan(replicate_predictions).all(axis=1)
+                ]
+                if metric == LOSS:
+                    predicted_loss[(form.name, eval_name)] = predicted, replicate_predictions
+                if metric == ACCURACY:  # fitted as its error
+                    predicted, replicate_predictions = 1 - predicted, 1 - replicate_predictions
+                frames.append(
+                    frame(link.label, metric, eval_name, predicted, replicate_predictions)
+                )
     return pd.DataFrame({name: np.concatenate([f[name] for f in frames]) for name in frames[0]})
+
+
+def within_bounds(
+    quantity: str, predicted: np.ndarray, low: np.ndarray, high: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """An error or accuracy, and its interval's ends, clipped to [0, 1], and which rows were
+    clipped: 'prediction' where the prediction left [0, 1], 'interval' where only an end of
+    its interval did, None elsewhere (and for a loss, which has no bound)."""
+    clipped = np.full(len(predicted), None, dtype=object)
+    if quantity == LOSS:
+        return predicted, low, high, clipped
+    outside = [(values < 0) | (values > 1) for values in (predicted, low, high)]
+    clipped[outside[1] | outside[2]] = "interval"
+    clipped[outside[0]] = "prediction"
+    predicted, low, high = (np.clip(values, 0.0, 1.0) for values in (predicted, low, high))
+    return predicted, low, high, clipped
 
 
 def parameter_rows(ladder: LadderFits) -> pd.DataFrame:
     """fits.parquet's rows: every form of the size, then every form of the loss under each
-    chain it ends."""
+    chain it ends; each with its fit's status, and a downstream evaluation's chance and
+    predictability."""
     measurements = ladder.measurements
     firsts_first = sorted(forms.links(), key=lambda link: link.after is not None)
-    records = [
-        (measurements.dataset, link.label, link.form.predicts, eval_name, name, value)
-        for link in firsts_first
-        for eval_name in measurements.evals(link.form.predicts)
-        for name, value in zip(
-            link.form.params, ladder.of(link.form, eval_name).params, strict=True
-        )
-    ]
+    records = []
+    for link in firsts_first:
+        for metric in FITTED_ON[link.form.predicts]:
+            for eval_name in measurements.evals(metric):
+                fitted = ladder.of(link.form, eval_name, metric)
+                chance, predictable = None, None
+                if metric in DOWNSTREAM:
+                    chance = measurements.chance(metric, eval_name)
+                    predictable = ladder.predictability[(metric, eval_name)].predictable
+                key = (measurements.dataset, link.label, metric, eval_name)
+                records += [
+                    (*key, name, value, fitted.status, chance, predictable)
+                    for name, value in zip(link.form.params, fitted.params, strict=True)
+                ]
     return pd.DataFrame.from_records(records, columns=FITS_SCHEMA.names)
+
+
+def relative_error(predicted: np.ndarray, actual: np.ndarray) -> np.ndarray:
+    """|predicted - actual| / actual; NaN where the actual value is 0 (a task nobody solves)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(actual == 0, np.nan, np.abs(predicted - actual) / actual)
+
+
+def inside_interval(actual: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Whether each actual value lies in its interval; None where there is no actual."""
+    inside = (actual >= low) & (actual <= high)
+    return np.where(np.isnan(actual), None, inside).astype(object)
 
 
 def _as_columns(params: np.ndarray) -> list[np.ndarray]:

@@ -3,7 +3,8 @@
 The fit stage cannot tell these 104 models from our own: each becomes the final checkpoint of
 one run, with one 'loss' row per validation set, one 'accuracy' row per downstream task and
 two 'error' rows, the paper's plain means of 1 - accuracy over all 46 tasks (``avg46``) and over
-its 17-task split (``avg17``).
+its 17-task split (``avg17``). A task's ``chance`` is its random baseline in eval_metadata.csv
+(percent, as a fraction); an average's is the mean of its tasks' errors at chance, 1 - chance.
 
 The 17 tasks are derived from the data with the paper's rule -- a task is kept when some
 0.154B model (any multiplier, any dataset) is at least 10 points above the task's random
@@ -138,11 +139,16 @@ def ingest(exp_data: str | Path, out: str | Path, groups_out: str | Path) -> pd.
         "avg46": tasks,
         "avg17": derive_subset(accuracies, metadata["Random baseline"]),
     }
+    chance = metadata["Random baseline"] / 100.0
+    chance_error = {
+        group: float(sum(1.0 - chance[task] for task in members) / len(members))
+        for group, members in groups.items()
+    }
     records = []
     for run, losses, scores in models:
         if sorted(scores) != tasks:
             raise ReleasedDataError(f"{run['dataset']} {run['size']}: tasks differ from {tasks}")
-        records += [{**run, **loss} for loss in losses]
+        records += [{**run, **loss, "chance": None} for loss in losses]
         records += [
             {
                 **run,
@@ -152,6 +158,7 @@ def ingest(exp_data: str | Path, out: str | Path, groups_out: str | Path) -> pd.
                 "ci_low": None,
                 "ci_high": None,
                 "n_examples": int(metadata.loc[task, "#datapoints"]),
+                "chance": float(chance[task]),
             }
             for task in tasks
         ]
@@ -164,6 +171,7 @@ def ingest(exp_data: str | Path, out: str | Path, groups_out: str | Path) -> pd.
                 "ci_low": None,
                 "ci_high": None,
                 "n_examples": None,
+                "chance": chance_error[group],
             }
             for group, members in groups.items()
         ]

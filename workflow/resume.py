@@ -1,4 +1,5 @@
-"""Resuming a killed or preempted training run exactly: its saved state and the stop signals.
+"""Resuming a killed or preempted training run exactly: its saved state, the stop signals,
+and the lock that keeps a second trainer out of its work folder.
 
 A step's data is a pure function of its number, so the resume state holds only the weights,
 the optimizer's moments and step counts, the RNG states and the curve so far (``Progress``),
@@ -6,12 +7,24 @@ and a resumed run computes bit for bit what the uninterrupted one would have. Th
 belongs to one ``RunSpec`` (``spec_hash``): a state of another spec is stale and discarded,
 while a change of the engine settings (``EngineSettings``) resumes. The tensors are saved
 whole, unsharded, so a state saved by one process loads into DDP or FSDP processes and back.
+
+One trainer at a time works in a run's work folder (``exclusive_work``): a second one, say
+started by a re-run of Snakemake while an orphaned trainer still runs, would resume from the
+same state and both would publish, the last replacing the other's checkpoints.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import json
+import os
+import shutil
 import signal
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +37,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from workflow.atomic import atomic_path
-from workflow.distributed import Processes
+from workflow.distributed import Communication, Processes, any_process
+from workflow.errors import TrainError
 from workflow.paths import checkpoint_path
 from workflow.settings import RunSpec
 from workflow.telemetry import Progress, log
@@ -97,16 +111,17 @@ def load_resume_state(
     if state["spec_hash"] != expected_hash:
         log(f"{spec.run}: discarding the resume state of a different spec ({path})")
         return None
-    missing = [
-        step
-        for step in spec.checkpoint_steps
-        if step <= state["progress"]["step"]
-        and not Path(checkpoint_path(checkpoints_dir, step)).is_dir()
-    ]
+    saved = [step for step in spec.checkpoint_steps if step <= state["progress"]["step"]]
+    missing = missing_checkpoints(checkpoints_dir, saved)
     if missing:
         log(f"{spec.run}: discarding the resume state: checkpoints {missing} are missing")
         return None
     return state
+
+
+def missing_checkpoints(checkpoints_dir: Path, steps: list[int]) -> list[int]:
+    """The steps among ``steps`` whose checkpoint folder is not in ``checkpoints_dir``."""
+    return [step for step in steps if not Path(checkpoint_path(checkpoints_dir, step)).is_dir()]
 
 
 def save_resume_state(
@@ -134,3 +149,82 @@ def save_resume_state(
     if processes.is_main:
         with atomic_path(path) as temporary:
             torch.save(saved, temporary)
+
+
+@contextmanager
+def exclusive_work(lock: Path, run: str, comm: Communication) -> Iterator[None]:
+    """Hold the run's work folder alone for the block, or stop every process with a
+    ``TrainError`` naming the trainer that holds it. Rank 0 takes the lock for all."""
+    descriptor, refusal = None, None
+    if comm.processes.is_main:
+        try:
+            descriptor = take_lock(lock, run)
+        except TrainError as error:
+            refusal = error
+    if any_process(refusal is not None, comm):
+        raise refusal or TrainError(f"{run}: another trainer holds {lock} (see rank 0's log)")
+    try:
+        yield
+    finally:
+        if descriptor is not None:
+            os.close(descriptor)  # releases the lock
+
+
+def take_lock(lock: Path, run: str) -> int:
+    """An exclusive ``flock`` on ``lock``, which records this process; its open descriptor.
+
+    The kernel releases the lock when the process ends, however it ends: a killed trainer's
+    lock passes to the next without anyone removing it. The finished trainer removes the lock
+    with its work folder, so a lock won on a file that is no longer there is tried again.
+    """
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        descriptor = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(descriptor, 4096).decode(errors="replace")
+            os.close(descriptor)
+            raise TrainError(refusal(run, lock, holder)) from None
+        try:
+            current = os.stat(lock)
+        except FileNotFoundError:
+            current = None
+        opened = os.fstat(descriptor)
+        if current and (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino):
+            break
+        os.close(descriptor)
+    holder = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    os.ftruncate(descriptor, 0)
+    os.pwrite(descriptor, (json.dumps(holder) + "\n").encode(), 0)
+    return descriptor
+
+
+def refusal(run: str, lock: Path, recorded: str) -> str:
+    """The message of a trainer refused because the one ``recorded`` in ``lock`` runs."""
+    try:
+        holder = json.loads(recorded)
+        who = f"pid {holder['pid']} on host {holder['host']}, since {holder['since']}"
+        stop = f"stop it (`kill {holder['pid']}` on {holder['host']})"
+    except (ValueError, KeyError, TypeError):
+        who, stop = "it has not recorded its pid yet", "stop it"
+    return (
+        f"{run}: another trainer is training this run ({who}) and holds {lock}; two trainers "
+        f"would overwrite each other's checkpoints. Wait for it to finish, or {stop} and "
+        "re-run, which resumes from its last saved state."
+    )
+
+
+def clear_work(work: Path, lock: Path) -> None:
+    """Empty the work folder for a fresh start, all but the ``lock`` this process holds."""
+    for entry in work.iterdir():
+        if entry == lock:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()

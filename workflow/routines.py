@@ -4,8 +4,9 @@ their bootstrap refits.
 A problem is one evaluation's measurements; the problems of a form share their points (the
 runs) and differ in the values. Two routines:
 
-- ``LeastSquares``: Levenberg-Marquardt (``workflow.solvers``) from every start of a grid with
-  the law's Jacobian, the lowest sum of squares winning; refits warm-start from the best fit.
+- ``LeastSquares``: Levenberg-Marquardt (``workflow.solvers``) from every start of a grid (or
+  starts read off the points) with the law's Jacobian, the lowest sum of squares winning;
+  refits warm-start from the best fit, one MINPACK call each or all of them batched.
 - ``HuberOnLogLoss``: the Chinchilla form as Besiroglu et al. (2024) fit it. L = E + A N^-alpha
   + B D^-beta is fitted in theta = (log A, log B, log E, alpha, beta), where log L =
   LSE(log A - alpha log N, log B - beta log D, log E), scored with a Huber loss against the
@@ -58,35 +59,45 @@ class Fitting(Protocol):
 
 @dataclass(frozen=True)
 class LeastSquares:
-    """Levenberg-Marquardt from every start of a grid, with the law's Jacobian; the lowest sum
-    of squares wins. A point whose value or input is not finite is left out of that fit."""
+    """Levenberg-Marquardt from every start of a problem, with the law's Jacobian; the lowest
+    sum of squares wins. A point whose value or input is not finite is left out of that fit.
+
+    ``starts(settings, inputs, values)`` gives one problem's starts (starts x parameters), from
+    the settings or read off its points. The refits run MINPACK once per replicate, as the
+    paper's code does, unless ``batched_refits``: a form fitted on every task refits thousands
+    of times, so its replicates of every problem run as one batched Levenberg-Marquardt.
+    """
 
     jacobian: Callable
-    starts: Callable[[FitSettings], np.ndarray]
+    starts: Callable[[FitSettings, tuple, np.ndarray], np.ndarray]
+    batched_refits: bool = False
 
     def fit(
         self, law: Callable, inputs: tuple, values: np.ndarray, settings: FitSettings
     ) -> Solution:
-        starts = self.starts(settings)
         used = np.isfinite(values) & np.all([np.isfinite(x) for x in inputs], axis=0)
-        params = np.full((len(values), starts.shape[1]), np.nan)
-        converged = np.zeros(len(values), dtype=bool)
+        params, converged, count = None, np.zeros(len(values), dtype=bool), 0
         for problem, (row, points) in enumerate(zip(values, used, strict=True)):
-            best = solvers.best_of_starts(
-                law, self.jacobian, tuple(x[points] for x in inputs), row[points], starts
-            )
+            chosen = tuple(x[points] for x in inputs)
+            starts = self.starts(settings, chosen, row[points])
+            if params is None:
+                params = np.full((len(values), starts.shape[1]), np.nan)
+            best = solvers.best_of_starts(law, self.jacobian, chosen, row[points], starts)
             if best is not None:
                 params[problem], converged[problem] = best, True
+            count = len(starts)
         failure = (
             f"Levenberg-Marquardt did not converge from its start {tuple(starts[0].tolist())}"
-            if len(starts) == 1
-            else f"Levenberg-Marquardt converged from none of the {len(starts)} starts"
+            if count == 1
+            else f"Levenberg-Marquardt converged from none of the {count} starts"
         )
         return Solution(params, converged, params, used, failure)
 
     def refit(
         self, law: Callable, inputs: tuple, samples: np.ndarray, solution: Solution
     ) -> np.ndarray:
+        if self.batched_refits:
+            return batched_refit(law, self.jacobian, inputs, samples, solution)
         return np.stack(
             [
                 solvers.refit(
@@ -101,6 +112,25 @@ class LeastSquares:
                 )
             ]
         )
+
+
+def batched_refit(
+    law: Callable, jacobian: Callable, inputs: tuple, samples: np.ndarray, solution: Solution
+) -> np.ndarray:
+    """Every problem's replicates (problems x replicates x points) refitted at once by the
+    batched Levenberg-Marquardt, each from its problem's fit; an input is the same for every
+    problem, one value per point or per (replicate, point)."""
+    n_problems, n_replicates, n_points = samples.shape
+    n_params = solution.warm_starts.shape[1]
+    if not n_replicates:
+        return np.empty((n_problems, 0, n_params))
+    shape = (n_problems, n_replicates, n_points)
+    values = np.where(solution.used[:, None, :], samples, np.nan).reshape(-1, n_points)
+    rows = tuple(np.broadcast_to(x, shape).reshape(-1, n_points) for x in inputs)
+    starts = np.repeat(np.nan_to_num(solution.warm_starts), n_replicates, axis=0)
+    params, _, converged = solvers.batched_levenberg_marquardt(law, jacobian, rows, values, starts)
+    params[~(converged & np.repeat(solution.converged, n_replicates))] = np.nan
+    return params.reshape(n_problems, n_replicates, n_params)
 
 
 SCREEN_ITERATIONS = 50  # L-BFGS iterations from every grid start before keeping the best

@@ -175,10 +175,7 @@ def run_spec(config: dict, run: Run) -> RunSpec:
             key: size[key]
             for key in ("batch_size", "micro_batch_size", "lr", "warmup", "weight_decay", "min_lr")
         },
-        **{
-            key: train[key]
-            for key in ("z_loss", "beta1", "beta2", "grad_clip", "seed", "device")
-        },
+        **{key: train[key] for key in ("z_loss", "beta1", "beta2", "grad_clip", "seed", "device")},
     )
 
 

@@ -89,9 +89,10 @@ class TokenShards:
         self.directory = Path(directory)
         meta_path = self.directory / META_FILE
         if not meta_path.exists():
-            raise FileNotFoundError(
-                f"{meta_path} is missing: {self.directory} is not a token shard directory "
-                "(the tokenize rule writes one)"
+            raise DamagedOutputError(
+                f"{meta_path} is missing: {self.directory} is not a token shard directory. "
+                f"The shards come from the tokenize rule: "
+                + rebuild_hint(self.directory, "rebuild them")
             )
         self.meta = json.loads(meta_path.read_text())
         self.dtype = np.dtype(self.meta["dtype"])
@@ -118,7 +119,7 @@ class TokenShards:
         raise DamagedOutputError(
             f"token shard {path} is damaged: {META_FILE} lists {shard['n_tokens']:,} tokens "
             f"({expected:,} bytes of {self.dtype.name}) but {found}. The shards come from the "
-            f"tokenize rule: {rebuild_hint(self.directory)}"
+            f"tokenize rule: {rebuild_hint(self.directory, 'rebuild them')}"
         )
 
     def read(self, start: int, length: int) -> np.ndarray:

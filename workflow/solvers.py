@@ -3,9 +3,10 @@
 Levenberg-Marquardt is scipy's ``curve_fit(method="lm")``: the same MINPACK routine (lmder,
 via ``leastsq``) with the same defaults and the same test of success, called without
 curve_fit's wrapper, whose per-call overhead adds up over a grid of starts times a bootstrap.
-The L-BFGS solves many independent problems at once (one per row), so a grid of starts and
-hundreds of bootstrap refits run as a few array operations per iteration instead of thousands
-of optimizer calls. Both know nothing of the laws: they take functions and arrays.
+The L-BFGS, and a batched Levenberg-Marquardt for small least-squares problems, solve many
+independent problems at once (one per row), so a grid of starts and hundreds of bootstrap
+refits of every task run as a few array operations per iteration instead of thousands of
+optimizer calls. They know nothing of the laws: they take functions and arrays.
 tests/test_solvers.py holds each against scipy on the same problems.
 """
 
@@ -23,6 +24,11 @@ LM_MAX_EVALUATIONS = 10_000
 # MINPACK's statuses for a converged fit (lmder's info 1-4).
 LM_CONVERGED = (1, 2, 3, 4)
 
+# The batched Levenberg-Marquardt: MINPACK's default tolerances on the relative decrease of the
+# sum of squares and on the relative step, its damping bounds and its iteration limit.
+BATCH_TOLERANCE = 1.49012e-8
+DAMPING_START, DAMPING_FLOOR, DAMPING_CEILING = 1e-3, 1e-12, 1e12
+BATCH_MAX_ITERATIONS = 200
 # An L-BFGS iteration that lowers the objective by at most relative x |value| + absolute ends a
 # fit. The fit itself: 1e-8 relative, and 1e-15 absolute, far below what any loss is measured
 # to. The bootstrap refits: scipy's L-BFGS-B default, 2.2e-9 x max(|value|, 1), which
@@ -109,6 +115,84 @@ def refit(
                 refits[row] = params
                 break
     return refits
+
+
+def batched_levenberg_marquardt(
+    law: Callable, jacobian: Callable, inputs: tuple, values: np.ndarray, starts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Levenberg-Marquardt on many small problems at once: fit ``law(*inputs, *params)`` to each
+    row of ``values`` (rows x points; NaN points are left out), from that row of ``starts``.
+
+    ``inputs`` are arrays of shape (rows, points). Each step solves (J'J + lambda diag J'J)
+    step = J'r (Marquardt's scaling, so the parameters' units do not matter); an accepted
+    step divides lambda by 3, a rejected one multiplies it by 4. A row has converged when an
+    accepted step lowers its sum of squares by at most BATCH_TOLERANCE of it, moves its
+    parameters by at most BATCH_TOLERANCE of their size, or no step lowers it any more
+    (lambda at its ceiling). Returns the parameters, the sums of squares and which rows
+    converged.
+    """
+    theta = np.array(starts, dtype=float)
+    measured = np.isfinite(values) & np.all([np.isfinite(x) for x in inputs], axis=0)
+    values = np.where(measured, values, 0.0)
+    inputs = tuple(np.where(measured, x, 1.0) for x in inputs)  # a point left out: any x
+
+    def evaluate(rows: np.ndarray, params: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        arguments = tuple(x[rows] for x in inputs)
+        with np.errstate(all="ignore"):
+            residual = np.where(
+                measured[rows], values[rows] - law(*arguments, *params.T[..., None]), 0
+            )
+            return residual, np.sum(residual**2, axis=1)
+
+    residual, cost = evaluate(np.arange(len(theta)), theta)
+    damping = np.full(len(theta), DAMPING_START)
+    active = np.isfinite(cost)
+    converged = np.zeros(len(theta), dtype=bool)
+    for _ in range(BATCH_MAX_ITERATIONS):
+        rows = np.flatnonzero(active)
+        if rows.size == 0:
+            break
+        with np.errstate(all="ignore"):
+            slopes = jacobian(*(x[rows] for x in inputs), *theta[rows].T[..., None])
+        slopes = np.where(measured[rows, :, None], slopes, 0.0)
+        normal = np.einsum("rnp,rnq->rpq", slopes, slopes)
+        scale = np.maximum(np.einsum("rpp->rp", normal), np.finfo(float).tiny)
+        gradient = np.einsum("rnp,rn->rp", slopes, residual[rows])
+        damped = normal + (damping[rows, None] * scale)[..., None] * np.eye(theta.shape[1])
+        finite = np.isfinite(damped).all(axis=(1, 2)) & np.isfinite(gradient).all(axis=1)
+        active[rows[~finite]] = False  # overflowed: not converged
+        rows, damped, gradient = rows[finite], damped[finite], gradient[finite]
+        step = _solve(damped, gradient)
+        trial = theta[rows] + step
+        trial_residual, trial_cost = evaluate(rows, trial)
+        trial_cost[~np.isfinite(step).all(axis=1)] = np.inf
+        better = np.isfinite(trial_cost) & (trial_cost < cost[rows])
+        moved = rows[better]
+        decrease = cost[moved] - trial_cost[better]
+        small_step = np.linalg.norm(step[better], axis=1) <= BATCH_TOLERANCE * (
+            np.linalg.norm(theta[moved], axis=1) + BATCH_TOLERANCE
+        )
+        converged[moved] = (decrease <= BATCH_TOLERANCE * cost[moved]) | small_step
+        theta[moved], cost[moved], residual[moved] = (
+            trial[better],
+            trial_cost[better],
+            trial_residual[better],
+        )
+        damping[moved] = np.maximum(damping[moved] / 3.0, DAMPING_FLOOR)
+        stuck = rows[~better]
+        damping[stuck] *= 4.0
+        converged[stuck] |= damping[stuck] > DAMPING_CEILING
+        active &= ~converged
+    return theta, cost, converged
+
+
+def _solve(matrices: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """x with A x = b for each row; the pseudo-inverse's x where some A is singular."""
+    with np.errstate(all="ignore"):
+        try:
+            return np.linalg.solve(matrices, vectors[..., None])[..., 0]
+        except np.linalg.LinAlgError:
+            return (np.linalg.pinv(matrices) @ vectors[..., None])[..., 0]
 
 
 @dataclass(frozen=True)

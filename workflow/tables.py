@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -33,8 +34,11 @@ RUNS_SCHEMA = pa.schema(
         pa.field("ci_low", pa.float64()),
         pa.field("ci_high", pa.float64()),
         pa.field("n_examples", pa.int64()),
+        pa.field("chance", pa.float64()),
     ]
 )
+# Columns a runs.parquet written before them may lack: read as null.
+RUNS_OPTIONAL = ("chance",)
 SORT_KEYS = ["dataset", "N", "M", "tokens", "metric", "eval"]
 
 PREDICTIONS_SCHEMA = pa.schema(
@@ -53,6 +57,8 @@ PREDICTIONS_SCHEMA = pa.schema(
         pa.field("relative_error", pa.float64()),
         pa.field("ci_low", pa.float64()),
         pa.field("ci_high", pa.float64()),
+        pa.field("inside", pa.bool_()),
+        pa.field("clipped", pa.string()),
         pa.field("size", pa.string(), nullable=False),
     ]
 )
@@ -63,7 +69,10 @@ FITS_SCHEMA = pa.schema(
         pa.field("law", pa.string(), nullable=False),
         pa.field("eval", pa.string(), nullable=False),
         pa.field("param", pa.string(), nullable=False),
-        pa.field("value", pa.float64(), nullable=False),
+        pa.field("value", pa.float64()),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("chance", pa.float64()),
+        pa.field("predictable", pa.bool_()),
     ]
 )
 
@@ -84,9 +93,14 @@ def write_runs_table(records: Iterable[dict], path: str | Path) -> pd.DataFrame:
 
 
 def read_runs_table(path: str | Path) -> pd.DataFrame:
-    """Read runs.parquet, checking it has the schema's columns."""
+    """Read runs.parquet, checking it has the schema's columns (null where an optional one is
+    missing)."""
     table = pq.read_table(path)
-    missing = set(RUNS_SCHEMA.names) - set(table.column_names)
+    missing = set(RUNS_SCHEMA.names) - set(table.column_names) - set(RUNS_OPTIONAL)
     if missing:
         raise ValueError(f"{path} lacks columns {sorted(missing)}; expected {RUNS_SCHEMA.names}")
-    return table.to_pandas()
+    frame = table.to_pandas()
+    for column in RUNS_OPTIONAL:
+        if column not in frame:
+            frame[column] = np.nan
+    return frame

@@ -1,7 +1,9 @@
 """Report table: every trained target run, its prediction against what it measured.
 
-This is the number the project exists for (how far off an extrapolation was), so the report
-shows it as a table rather than leaving it to be read off a figure. Rows are the targets of
+This is the number the project exists for (how far off an extrapolation was, and whether its
+interval said so), so the report shows it as tables rather than leaving it to be read off a
+figure. A coverage table counts, over every evaluation, the targets whose actual value lies
+inside the 95% interval. Rows are the targets of
 predictions.parquet that have an actual value, for the loss of the validation set the laws are
 plotted on and for every task group's error, both forms side by side; the worst relative error
 per (dataset, quantity, form) is summarised above the table. Written as one self-contained
@@ -43,12 +45,31 @@ def summary(rows: pd.DataFrame) -> pd.DataFrame:
     return grouped.agg(targets="size", mean="mean", worst="max").reset_index()
 
 
+def coverage(predictions: pd.DataFrame) -> pd.DataFrame:
+    """How often the 95% interval held the actual value, per (dataset, quantity, form), over
+    every measured target of every evaluation; with the median interval width against the
+    median absolute error (a calibrated normal error gives 5.8; far more means the interval
+    covers by being wide)."""
+    measured = predictions[(predictions["role"] == "target") & predictions["actual"].notna()]
+    measured = measured.assign(
+        width=measured["ci_high"] - measured["ci_low"],
+        miss=(measured["predicted"] - measured["actual"]).abs(),
+        inside=measured["inside"].astype(float),
+    )
+    grouped = measured.groupby(["dataset", "quantity", "form"])
+    table = grouped.agg(
+        targets=("inside", "size"), inside=("inside", "sum"), coverage=("inside", "mean")
+    )
+    table["width / |error|"] = grouped["width"].median() / grouped["miss"].median()
+    return table.reset_index()
+
+
 def _percent(value: float) -> str:
     return f"{100 * value:.2f}%"
 
 
-def render(rows: pd.DataFrame, loss_eval: str) -> str:
-    """The page: a summary table, then one row per target."""
+def render(rows: pd.DataFrame, loss_eval: str, covered: pd.DataFrame) -> str:
+    """The page: the coverage and summary tables, then one row per target."""
     detail = pd.DataFrame(
         {
             "dataset": rows["dataset"],
@@ -65,7 +86,13 @@ def render(rows: pd.DataFrame, loss_eval: str) -> str:
             + rows["ci_high"].map("{:.4f}".format),
             "actual": rows["actual"].map("{:.4f}".format),
             "relative error": rows["relative_error"].map(_percent),
+            "inside": rows["inside"].map({True: "yes", False: "no"}),
         }
+    )
+    covered = covered.assign(
+        inside=covered["inside"].astype(int),
+        coverage=covered["coverage"].map(_percent),
+        **{"width / |error|": covered["width / |error|"].map("{:.1f}".format)},
     )
     totals = summary(rows)
     for column in ("mean", "worst"):
@@ -73,7 +100,12 @@ def render(rows: pd.DataFrame, loss_eval: str) -> str:
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'>"
         f"<title>Prediction errors of the target runs</title><style>{STYLE}</style></head><body>"
-        "<h3>Relative error of the extrapolations, per dataset, quantity and form</h3>"
+        "<h3>Coverage of the 95% intervals, per dataset, quantity and form</h3>"
+        "<p>Every measured target of every evaluation: how many actual values lie inside "
+        "their interval, and the median interval width against the median absolute error "
+        "(5.8 for a calibrated normal error).</p>"
+        + covered.to_html(index=False, border=0)
+        + "<h3>Relative error of the extrapolations, per dataset, quantity and form</h3>"
         f"<p>Loss on <code>{html.escape(loss_eval)}</code> and each task group's average "
         "top-1 error (predicted from the predicted loss); relative error is "
         "|predicted - actual| / actual.</p>"
@@ -90,9 +122,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--loss-eval", required=True, help="validation set of the loss rows")
     parser.add_argument("--out", required=True, help="HTML to write")
     args = parser.parse_args(argv)
-    rows = target_rows(pd.read_parquet(args.predictions), args.loss_eval)
+    predictions = pd.read_parquet(args.predictions)
+    rows = target_rows(predictions, args.loss_eval)
     with atomic_path(args.out) as temporary:
-        temporary.write_text(render(rows, args.loss_eval))
+        temporary.write_text(render(rows, args.loss_eval, coverage(predictions)))
     print(f"wrote {args.out}: {len(rows)} target rows")
 
 

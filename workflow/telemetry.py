@@ -1,4 +1,4 @@
-"""What a training run reports as it goes: the loss curve's rows and the job's log lines.
+"""What a training run reports: the loss curve's rows, the job's log lines and its summary.
 
 Every ``log_every`` steps the curve gets step, tokens, loss, lr, tokens/s and MFU
 (``workflow.device.flops_per_token`` against the device's peak); those are the only steps at
@@ -87,6 +87,30 @@ def curve_row(progress: Progress, spec: RunSpec, lr: float, peak: float | None) 
     }
 
 
+def run_summary(
+    spec: RunSpec, progress: Progress, identity: str, device: torch.device, threads: int
+) -> dict:
+    """The finished run's summary (train.json), with whether its curve shows divergence."""
+    wall_seconds = progress.elapsed()
+    diverged = divergence(progress.curve, spec.tokens)
+    return {
+        "run": spec.run,
+        "n_params": spec.n_params,
+        "tokens": spec.tokens,
+        "steps": spec.steps,
+        "tokens_per_step": spec.tokens_per_step,
+        "final_loss": progress.curve[-1]["loss"],
+        "diverged": diverged is not None,
+        "divergence_reason": diverged,
+        "wall_s": wall_seconds,
+        "tokens_per_s": spec.tokens / wall_seconds,
+        "processes": progress.processes.world_size,
+        "device": str(device.type),
+        "threads": threads if device.type == "cpu" else None,
+        "spec_hash": identity,
+    }
+
+
 def format_row(row: dict, steps: int, tokens: int) -> str:
     """A curve row as the job's log line."""
     mfu = f" | MFU {row['mfu']:.1%}" if row["mfu"] is not None else ""
@@ -95,4 +119,42 @@ def format_row(row: dict, steps: int, tokens: int) -> str:
         f"step {row['step']}/{steps} | tokens {row['tokens']:,}/{tokens:,} | "
         f"loss {row['loss']:.4f} | lr {row['lr']:.2e} | {row['tokens_per_s']:,.0f} tok/s"
         f"{mfu} | ETA {format_duration(eta)}"
+    )
+
+
+# How far above its lowest the smoothed loss may end before the run counts as diverged.
+DIVERGENCE_RISE = 0.2
+
+
+def divergence(curve: list[dict], tokens: int) -> str | None:
+    """Why the finished run's curve shows it diverged, or None if it does not.
+
+    The tail is the fewest last rows that hold a tenth of the run's ``tokens`` (so a short
+    last step joins the rows before it); the smoothed loss is the token-weighted mean over
+    each window of as many consecutive rows. The run diverged if the tail's loss is more than
+    ``DIVERGENCE_RISE`` above the lowest window's: a run that learns ends at or near its
+    lowest loss, and its noise stays far below that margin.
+    """
+    ends = [row["tokens"] for row in curve]
+    weights = [end - start for start, end in zip([0, *ends[:-1]], ends, strict=True)]
+    window = 1
+    while window < len(curve) and sum(weights[-window:]) < tokens / 10:
+        window += 1
+
+    def smoothed(last: int) -> float:
+        rows = range(last - window + 1, last + 1)
+        total = sum(weights[row] * curve[row]["loss"] for row in rows)
+        return total / sum(weights[row] for row in rows)
+
+    def steps(last: int) -> str:
+        first_step = curve[last - window]["step"] + 1 if last >= window else 1
+        return f"steps {first_step}-{curve[last]['step']}"
+
+    lowest = min(range(window - 1, len(curve)), key=smoothed)
+    final, best = smoothed(len(curve) - 1), smoothed(lowest)
+    if final <= (1 + DIVERGENCE_RISE) * best:
+        return None
+    return (
+        f"the mean training loss of the last tenth of the tokens ({steps(len(curve) - 1)}) is "
+        f"{final:.4f}, {final / best - 1:.0%} above its lowest, {best:.4f} ({steps(lowest)})"
     )

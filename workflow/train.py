@@ -1,18 +1,19 @@
 """Train stage: one model on exactly D = M x N tokens, resumable, outputs only when finished.
 
-The paper's recipe (open_lm): AdamW (beta2 0.95, eps 1e-8, weight decay on every parameter,
-norm gains and embeddings included), linear warmup then cosine decay to ``min_lr`` at the last
-step, gradient clipping at ``grad_clip``, and a z-loss ``z_loss * logsumexp(logits)^2`` in the
-objective (``workflow.model.OutputLoss``; the logged loss is the plain cross-entropy). bf16
-autocast on CUDA, fp32 on CPU. The run comes as a ``RunSpec`` (``spec``: what determines its
-result) and ``EngineSettings`` (``engine``: speed, memory, how often to save a resume state).
+The run comes as a ``RunSpec`` (``spec``: what determines its result) and ``EngineSettings``
+(``engine``: speed, memory, how often to log and to save a resume state). One optimizer
+step, with the paper's recipe, is ``workflow.step``'s; this module builds the trainer, runs
+the loop and saves, in that order, as nanoGPT's train.py does.
 
 Under ``torchrun`` the run is data-parallel (``workflow.distributed``): each process reads a
 disjoint slice of every global batch, gradients are summed, and only rank 0 logs and writes.
 Exactly D ids are predicted, each once, in stream order (``workflow.shards.read_batch``), so a
 step's data is a function of its number: that makes resuming exact (``workflow.resume``).
-While training, the work folder holds the checkpoints so far and the resume state; the
-checkpoints, the curve and the summary appear only when the run has finished.
+While training, the work folder holds the checkpoints so far, the resume state and a lock
+that keeps a second trainer of the run out; the checkpoints, the curve and the summary
+appear only when the run has finished. A loss that turns non-finite stops the run; one that
+ends well above its lowest marks the run as diverged (``workflow.telemetry.divergence``) in
+its log and its summary.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
@@ -43,24 +43,26 @@ from workflow.distributed import (
     any_process,
     barrier,
     communication,
-    gradient_sync,
     processes_from_environment,
-    wrap,
 )
 from workflow.errors import TrainError
-from workflow.model import ScalingLM, TrainingObjective, build_model
+from workflow.integrity import DamagedOutputError, remove_stale_temporaries
 from workflow.paths import checkpoint_path
 from workflow.resume import (
     FULL_STATE,
     StopSignals,
+    clear_work,
+    exclusive_work,
     load_resume_state,
+    missing_checkpoints,
     restore_state,
     save_resume_state,
     spec_hash,
 )
 from workflow.settings import EngineSettings, RunSpec, SettingsError
 from workflow.shards import TokenShards, read_batch
-from workflow.telemetry import Progress, curve_row, format_duration, format_row, log
+from workflow.step import Batch, Trainer, build_trainer, learning_rate, train_step
+from workflow.telemetry import Progress, curve_row, format_duration, format_row, log, run_summary
 
 
 @dataclass(frozen=True)
@@ -80,99 +82,10 @@ class Outputs:
     def unfinished_checkpoints(self) -> Path:
         return self.work / "checkpoints"
 
-
-@dataclass
-class Batch:
-    """This process's sequences of one optimizer step.
-
-    ``targets`` is IGNORE_INDEX past the run's last token; ``n_targets`` counts the targets of
-    the whole step, over all processes.
-    """
-
-    inputs: torch.Tensor
-    targets: torch.Tensor
-    n_targets: int
-
-
-@dataclass
-class StepSettings:
-    """What ``train_step`` needs besides the model, the optimizer and the batch."""
-
-    micro_batch_size: int
-    grad_clip: float
-    device: torch.device
-    world_size: int = 1
-
     @property
-    def autocast_dtype(self) -> torch.dtype | None:
-        return torch.bfloat16 if self.device.type == "cuda" else None
-
-
-def learning_rate(step: int, steps: int, peak: float, warmup: int, minimum: float) -> float:
-    """Learning rate of the update that completes optimizer step ``step`` (1-based).
-
-    Linear warmup from 0 reaches ``peak`` at step ``warmup``; a cosine then decays it to
-    ``minimum`` exactly at the last step.
-    """
-    if step <= warmup:
-        return peak * step / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return minimum + 0.5 * (peak - minimum) * (1 + math.cos(math.pi * progress))
-
-
-def train_step(
-    objective: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batch: Batch,
-    lr: float,
-    settings: StepSettings,
-) -> torch.Tensor:
-    """One optimizer step on ``batch``; returns the sum of this process's cross-entropies.
-
-    ``objective`` is a ``TrainingObjective``, wrapped for data parallelism or not. Gradients
-    of the micro-batches accumulate with each one's objective divided by the whole step's
-    target count, so the step minimises the mean over all its targets whatever the
-    micro-batching, the number of processes and however short the last batch; the factor
-    ``world_size`` undoes the averaging of the gradient all-reduce, which should be a sum.
-    Only the last micro-batch's backward all-reduces. Nothing here waits for the device.
-    """
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    scale = settings.world_size / batch.n_targets
-    cross_entropy_sum = torch.zeros((), device=settings.device)
-    n_sequences = len(batch.inputs)
-    for begin in range(0, n_sequences, settings.micro_batch_size):
-        end = begin + settings.micro_batch_size
-        with gradient_sync(objective, enabled=end >= n_sequences):
-            with torch.autocast(
-                settings.device.type,
-                dtype=settings.autocast_dtype,
-                enabled=settings.autocast_dtype is not None,
-            ):
-                objective_sum, cross_entropy = objective(
-                    batch.inputs[begin:end], batch.targets[begin:end]
-                )
-            (objective_sum * scale).backward()
-        cross_entropy_sum += cross_entropy
-    torch.nn.utils.clip_grad_norm_(objective.parameters(), settings.grad_clip, foreach=True)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return cross_entropy_sum
-
-
-def make_optimizer(model: nn.Module, spec: RunSpec, device: torch.device) -> torch.optim.AdamW:
-    """PyTorch AdamW (decay scaled by the current lr) over all parameters, as open_lm.
-
-    Fused (one kernel for every parameter) on CUDA; on CPU the default foreach version.
-    """
-    return torch.optim.AdamW(
-        model.parameters(),
-        lr=spec.lr,
-        betas=(spec.beta1, spec.beta2),
-        eps=1e-8,
-        weight_decay=spec.weight_decay,
-        fused=device.type == "cuda",
-    )
+    def lock(self) -> Path:
+        """Held by the run's one trainer (``workflow.resume.exclusive_work``)."""
+        return self.work / "lock"
 
 
 def check_run(
@@ -206,49 +119,6 @@ def check_run(
         )
     if engine.parallelism not in PARALLELISMS:
         raise TrainError(f"{run}: parallelism must be one of {PARALLELISMS}")
-
-
-@dataclass
-class Trainer:
-    """What a run's steps run on: the model, the objective ``train_step`` calls (the model's
-    ``TrainingObjective``, wrapped for data parallelism), its optimizer and step settings."""
-
-    model: ScalingLM
-    objective: nn.Module
-    optimizer: torch.optim.Optimizer
-    settings: StepSettings
-
-
-def build_trainer(
-    spec: RunSpec, engine: EngineSettings, device: torch.device, processes: Processes
-) -> Trainer:
-    """The model (initialised from the global RNG), wrapped for ``processes``, and its optimizer.
-
-    The benchmark builds its trainer here too, so it times exactly the pipeline's step.
-    """
-    model = build_model(spec.shape)
-    n_params = sum(parameter.numel() for parameter in model.parameters())
-    if n_params != spec.n_params:
-        raise TrainError(
-            f"{spec.run}: the model of shape {spec.shape} has {n_params:,} parameters "
-            f"but the spec says n_params = {spec.n_params:,}; "
-            "workflow.runs.count_parameters and workflow.model disagree"
-        )
-    model.set_activation_checkpointing(engine.activation_checkpointing)
-    model.to(device)
-    if engine.compile:
-        model.compile_blocks()
-    objective = wrap(
-        TrainingObjective(model, spec.z_loss), model.blocks, processes, engine.parallelism
-    )
-    settings = StepSettings(
-        # Unset, a forward pass takes this process's whole share of the batch.
-        micro_batch_size=spec.micro_batch_size or spec.batch_size // processes.world_size,
-        grad_clip=spec.grad_clip,
-        device=device,
-        world_size=processes.world_size,
-    )
-    return Trainer(model, objective, make_optimizer(objective, spec, device), settings)
 
 
 def save_checkpoint(
@@ -297,7 +167,7 @@ def run_training(
     device: torch.device,
     comm: Communication,
 ) -> dict:
-    """``train`` once the processes have joined (``comm``); only rank 0 writes."""
+    """``train`` once the processes have joined (``comm``): build, loop, save."""
     run, processes = spec.run, comm.processes
     if device.type == "cpu":
         torch.set_num_threads(threads)
@@ -308,103 +178,133 @@ def run_training(
     steps, context_length = spec.steps, spec.shape["context_length"]
     shards = TokenShards(data_dir)
     check_run(spec, engine, shards, processes)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    with exclusive_work(outputs.lock, run, comm):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        torch.manual_seed(spec.seed)
+        np.random.seed(spec.seed)
+        trainer = build_trainer(spec, engine, device, processes)
+        peak = peak_tflops(device, engine.peak_tflops)
+        identity = spec_hash(spec)
+        progress = start_or_resume(spec, outputs, trainer, identity, device, processes)
+        if processes.is_main:
+            sharing = f" ({engine.parallelism})" if processes.distributed else ""
+            log(
+                f"{run}: {spec.n_params:,} parameters, {spec.tokens:,} tokens in {steps} steps "
+                f"of {spec.tokens_per_step:,} on {processes.world_size} x {device.type}{sharing} "
+                f"(threads={threads})"
+            )
 
-    torch.manual_seed(spec.seed)
-    np.random.seed(spec.seed)
-    trainer = build_trainer(spec, engine, device, processes)
-    peak = peak_tflops(device, engine.peak_tflops)
+        trainer.objective.train()
+        with StopSignals() as stop:
+            while progress.step < steps:
+                inputs, targets, n_targets = read_batch(
+                    shards, progress.step, spec.batch_size, context_length, spec.tokens, processes
+                )
+                batch = Batch(to_device(inputs, device), to_device(targets, device), n_targets)
+                lr = learning_rate(progress.step + 1, steps, spec.lr, spec.warmup, spec.min_lr)
+                progress.loss_sum += train_step(
+                    trainer.objective, trainer.optimizer, batch, lr, trainer.settings
+                )
+                progress.step += 1
+                progress.timed_tokens += n_targets
+                step = progress.step
 
-    identity = spec_hash(spec)
+                if step % engine.log_every == 0 or step == steps:
+                    row = curve_row(progress, spec, lr, peak)
+                    progress.curve.append(row)
+                    if processes.is_main:
+                        log(format_row(row, steps, spec.tokens))
+                    if not math.isfinite(row["loss"]):  # later steps would be meaningless
+                        reason = f"the training loss is {row['loss']} at step {step}"
+                        if processes.is_main:
+                            log(f"DIVERGED: {run}: {reason}")
+                        raise TrainError(
+                            f"{run}: diverged: {reason}; stopped. Lower the size's lr or raise "
+                            "its warmup, then re-run"
+                        )
+                if step in spec.checkpoint_steps:
+                    directory = checkpoint_path(outputs.unfinished_checkpoints, step)
+                    save_checkpoint(directory, trainer, tokenizer, processes)
+                stopping = step < steps and any_process(stop.received is not None, comm)
+                if step < steps and (step % engine.resume_every == 0 or stopping):
+                    save_resume_state(
+                        outputs.resume_state,
+                        identity,
+                        trainer.objective,
+                        trainer.optimizer,
+                        progress,
+                        device,
+                        processes,
+                    )
+                if stopping:
+                    number = stop.received or signal.SIGTERM
+                    if processes.is_main:
+                        log(f"{run}: stopped by signal {number} at step {step}; rerun to resume")
+                    raise SystemExit(128 + number)
+
+        summary = run_summary(spec, progress, identity, device, threads)
+        if processes.is_main:
+            publish(spec, outputs, progress, summary)
+        return summary
+
+
+def start_or_resume(
+    spec: RunSpec,
+    outputs: Outputs,
+    trainer: Trainer,
+    identity: str,
+    device: torch.device,
+    processes: Processes,
+) -> Progress:
+    """The run's progress, restored from its resume state if it has a valid one; otherwise
+    a fresh start in an emptied work folder. First, rank 0 removes what a killed trainer
+    left half-written."""
+    if processes.is_main:
+        for final in (outputs.checkpoints, outputs.curve, outputs.summary, outputs.resume_state):
+            remove_stale_temporaries(final)
+        for step in spec.checkpoint_steps:
+            remove_stale_temporaries(checkpoint_path(outputs.unfinished_checkpoints, step))
     state = load_resume_state(outputs.resume_state, identity, outputs.unfinished_checkpoints, spec)
     barrier(processes)  # every process has read the state before rank 0 may remove it
     if state is None:
         if processes.is_main:
-            shutil.rmtree(outputs.work, ignore_errors=True)
-            outputs.work.mkdir(parents=True)
-        progress = Progress(None, device, processes)
-    else:
-        restore_state(trainer.objective, trainer.optimizer, state)
-        progress = Progress(state["progress"], device, processes)
-        if processes.is_main:
-            log(f"{run}: resuming at step {progress.step}/{steps} from {outputs.resume_state}")
+            clear_work(outputs.work, outputs.lock)
+        return Progress(None, device, processes)
+    restore_state(trainer.objective, trainer.optimizer, state)
+    progress = Progress(state["progress"], device, processes)
     if processes.is_main:
-        sharing = f" ({engine.parallelism})" if processes.distributed else ""
         log(
-            f"{run}: {spec.n_params:,} parameters, {spec.tokens:,} tokens in {steps} steps of "
-            f"{spec.tokens_per_step:,} on {processes.world_size} x {device.type}{sharing} "
-            f"(threads={threads})"
+            f"{spec.run}: resuming at step {progress.step}/{spec.steps} from {outputs.resume_state}"
         )
+    return progress
 
-    trainer.objective.train()
-    with StopSignals() as stop:
-        while progress.step < steps:
-            inputs, targets, n_targets = read_batch(
-                shards, progress.step, spec.batch_size, context_length, spec.tokens, processes
-            )
-            batch = Batch(to_device(inputs, device), to_device(targets, device), n_targets)
-            lr = learning_rate(progress.step + 1, steps, spec.lr, spec.warmup, spec.min_lr)
-            progress.loss_sum += train_step(
-                trainer.objective, trainer.optimizer, batch, lr, trainer.settings
-            )
-            progress.step += 1
-            progress.timed_tokens += n_targets
-            step = progress.step
 
-            if step % spec.log_every == 0 or step == steps:
-                row = curve_row(progress, spec, lr, peak)
-                progress.curve.append(row)
-                if processes.is_main:
-                    log(format_row(row, steps, spec.tokens))
-            if step in spec.checkpoint_steps:
-                directory = checkpoint_path(outputs.unfinished_checkpoints, step)
-                save_checkpoint(directory, trainer, tokenizer, processes)
-            stopping = step < steps and any_process(stop.received is not None, comm)
-            if step < steps and (step % engine.resume_every == 0 or stopping):
-                save_resume_state(
-                    outputs.resume_state,
-                    identity,
-                    trainer.objective,
-                    trainer.optimizer,
-                    progress,
-                    device,
-                    processes,
-                )
-            if stopping:
-                number = stop.received or signal.SIGTERM
-                if processes.is_main:
-                    log(f"{run}: stopped by signal {number} at step {step}; rerun to resume")
-                raise SystemExit(128 + number)
+def publish(spec: RunSpec, outputs: Outputs, progress: Progress, summary: dict) -> None:
+    """Move the finished run's outputs into place and remove its work folder (rank 0).
 
-    wall_seconds = progress.elapsed()
-    summary = {
-        "run": run,
-        "n_params": spec.n_params,
-        "tokens": spec.tokens,
-        "steps": steps,
-        "tokens_per_step": spec.tokens_per_step,
-        "final_loss": progress.curve[-1]["loss"],
-        "wall_s": wall_seconds,
-        "tokens_per_s": spec.tokens / wall_seconds,
-        "processes": processes.world_size,
-        "device": str(device.type),
-        "threads": threads if device.type == "cpu" else None,
-        "spec_hash": identity,
-    }
-    if processes.is_main:
-        # The checkpoints leave the work folder last: until they do, a kill leaves the resume
-        # state and its checkpoints together, and the re-run resumes instead of starting over.
-        with atomic_path(outputs.curve) as temporary:
-            pd.DataFrame(progress.curve).to_parquet(temporary, index=False)
-        write_json(outputs.summary, summary)
-        with atomic_path(outputs.checkpoints) as temporary:
-            os.replace(outputs.unfinished_checkpoints, temporary)
-        shutil.rmtree(outputs.work)
-        log(
-            f"{run}: done, final loss {summary['final_loss']:.4f}, "
-            f"{summary['tokens_per_s']:,.0f} tokens/s over {format_duration(wall_seconds)}"
+    The checkpoints leave the work folder last: until they do, a kill leaves the resume
+    state and its checkpoints together, and the re-run resumes instead of starting over.
+    """
+    run = spec.run
+    if summary["diverged"]:
+        log(f"DIVERGED: {run}: {summary['divergence_reason']}")
+    missing = missing_checkpoints(outputs.unfinished_checkpoints, spec.checkpoint_steps)
+    if missing:
+        raise TrainError(
+            f"{run}: the checkpoints of steps {missing} are missing from "
+            f"{outputs.unfinished_checkpoints}; an incomplete run is not published. Delete "
+            f"{outputs.work} and re-run to train the run again."
         )
-    return summary
+    with atomic_path(outputs.curve) as temporary:
+        pd.DataFrame(progress.curve).to_parquet(temporary, index=False)
+    write_json(outputs.summary, summary)
+    with atomic_path(outputs.checkpoints) as temporary:
+        os.replace(outputs.unfinished_checkpoints, temporary)
+    shutil.rmtree(outputs.work)
+    log(
+        f"{run}: done, final loss {summary['final_loss']:.4f}, "
+        f"{summary['tokens_per_s']:,.0f} tokens/s over {format_duration(summary['wall_s'])}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -413,8 +313,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--engine",
         required=True,
-        help="the run's EngineSettings as one JSON object: speed and memory settings that "
-        "leave the result alone",
+        help="the run's EngineSettings as one JSON object: speed, memory and logging settings "
+        "that leave the result alone",
     )
     parser.add_argument("--threads", type=int, required=True, help="CPU threads per process")
     parser.add_argument("--data", required=True, help="token shard directory of the train split")
@@ -434,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
     outputs = Outputs(Path(args.checkpoints), Path(args.curve), Path(args.summary), Path(args.work))
     try:
         train(spec, engine, args.data, args.tokenizer, outputs, args.threads)
-    except TrainError as error:
+    except (TrainError, DamagedOutputError) as error:
         sys.exit(f"error: {error}")
 
 

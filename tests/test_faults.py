@@ -1,0 +1,353 @@
+"""Faults injected into real stages: each case breaks one thing the way a cluster or a person
+does (a kill, a second trainer, a truncated file, a deleted one, a diverging run) and checks
+that nothing is lost and nothing wrong passes for finished.
+
+The stages are called directly on tiny shapes, or started as their command lines where a
+kill or a second process is the fault; no Snakemake run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from test_downstream import RUN, offline_suite  # noqa: F401 (a fixture)
+from test_model import make_shape
+from test_train import (
+    OUTPUTS,
+    REPO,
+    TOKENS_PER_STEP,
+    checkpoint_weights,
+    data,  # noqa: F401 (a fixture)
+    make_engine,
+    make_spec,
+    run_train,
+    saved_step,
+    train_command,
+)
+from transformers import AutoTokenizer
+
+from workflow import downstream, evaluate, train
+from workflow.errors import TrainError
+from workflow.evaluate import evaluate_checkpoint
+from workflow.model import build_model
+from workflow.prepare import prepare
+from workflow.shards import write_shards
+from workflow.tokenization import save_tokenizer
+
+pytestmark = pytest.mark.faults
+
+STEPS = 200
+# Four checkpoints, a resume state every 10 steps and a log line every step, which the
+# kills below are timed by.
+SPEC = make_spec(STEPS * TOKENS_PER_STEP, checkpoint_steps=[50, 100, 150, 200])
+ENGINE = make_engine(resume_every=10, log_every=1)
+KILL_STEPS = sorted(random.Random(18).sample(range(12, STEPS - 10), 3))
+ENVIRONMENT = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory) -> Path:  # noqa: F811
+    """The run trained once without a fault: what every faulted run must end up equal to."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    run_train(SPEC, data, run_dir, ENGINE)
+    return run_dir
+
+
+def assert_complete_and_equal(run_dir: Path, reference_dir: Path) -> None:
+    """The run's outputs and nothing else, every checkpoint, bitwise the reference's."""
+    assert sorted(path.name for path in run_dir.iterdir()) == sorted(OUTPUTS)
+    weights, expected = checkpoint_weights(run_dir), checkpoint_weights(reference_dir)
+    assert list(weights) == [f"step{step:06d}" for step in SPEC.checkpoint_steps]
+    for step, tensors in expected.items():
+        assert weights[step].keys() == tensors.keys()
+        for name, tensor in tensors.items():
+            assert torch.equal(weights[step][name], tensor), (step, name)
+    columns = ["step", "tokens", "loss", "lr"]
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(run_dir / "curve.parquet")[columns],
+        pd.read_parquet(reference_dir / "curve.parquet")[columns],
+        check_exact=True,
+    )
+
+
+def start_trainer(run_dir: Path, data: dict) -> subprocess.Popen:  # noqa: F811
+    """The train stage's command line on ``SPEC``, its log readable line by line."""
+    return subprocess.Popen(
+        train_command(SPEC, data, run_dir, ENGINE),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENVIRONMENT,
+    )
+
+
+def wait_for_step(trainer: subprocess.Popen, step: int) -> None:
+    """Read the trainer's log until it has logged ``step`` (or a later one)."""
+    for line in trainer.stderr:
+        if line.startswith("step ") and int(line.split()[1].split("/")[0]) >= step:
+            return
+    raise AssertionError(f"the trainer ended before step {step}: {trainer.wait()}")
+
+
+def dead_pid() -> int:
+    """The PID of a process that has ended (and been reaped)."""
+    process = subprocess.Popen([sys.executable, "-c", ""])
+    process.wait()
+    return process.pid
+
+
+@pytest.mark.parametrize("kill_step", KILL_STEPS, ids=lambda step: f"sigkill-at-step-{step}")
+def test_a_trainer_killed_at_a_random_step_resumes_to_the_uninterrupted_result(
+    data,  # noqa: F811
+    reference,
+    tmp_path,
+    capfd,
+    kill_step,
+):
+    """SIGKILL (no handler runs) leaves the lock file, a resume state and the checkpoints so
+    far; the next trainer takes the dead one's lock over, resumes and ends bitwise equal to
+    the run that was never killed, with every checkpoint."""
+    run_dir = tmp_path / "run"
+    trainer = start_trainer(run_dir, data)
+    wait_for_step(trainer, kill_step)
+    trainer.kill()
+    trainer.wait()
+    assert trainer.returncode == -signal.SIGKILL
+    assert not any((run_dir / name).exists() for name in OUTPUTS)
+    assert json.loads((run_dir / "work" / "lock").read_text())["pid"] == trainer.pid
+    killed_at = saved_step(run_dir / "work" / "resume.pt")
+    assert kill_step - 10 <= killed_at < STEPS
+
+    capfd.readouterr()
+    run_train(SPEC, data, run_dir, ENGINE)
+    assert f"resuming at step {killed_at}/{STEPS}" in capfd.readouterr().err
+    assert_complete_and_equal(run_dir, reference)
+
+
+def test_a_second_trainer_of_a_running_run_is_refused_and_the_first_completes(
+    data,  # noqa: F811
+    reference,
+    tmp_path,
+):
+    """As when Snakemake, killed and restarted, starts a trainer for a run whose orphaned
+    trainer still runs: the second is refused, naming the first, and touches nothing. The
+    first is stopped (SIGSTOP) meanwhile, so that it surely still holds the run."""
+    run_dir = tmp_path / "run"
+    first = start_trainer(run_dir, data)
+    wait_for_step(first, 60)
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second = subprocess.run(
+            train_command(SPEC, data, run_dir, ENGINE),
+            capture_output=True,
+            text=True,
+            env=ENVIRONMENT,
+        )
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert second.returncode == 1
+    message = second.stderr.strip().splitlines()[-1]
+    assert message.startswith(
+        f"error: toy/xs/M20: another trainer is training this run (pid {first.pid} on host "
+        f"{socket.gethostname()}, since "
+    )
+    assert f"and holds {run_dir / 'work' / 'lock'}" in message
+    assert f"stop it (`kill {first.pid}` on {socket.gethostname()})" in message
+    first.communicate(timeout=120)
+    assert first.returncode == 0
+    assert_complete_and_equal(run_dir, reference)
+
+
+def test_a_run_whose_loss_turns_non_finite_stops_naming_the_step(data, tmp_path, capfd):  # noqa: F811
+    spec = make_spec(40 * TOKENS_PER_STEP, lr=1e3)
+    with pytest.raises(TrainError, match=r"diverged: the training loss is nan at step 10;"):
+        run_train(spec, data, tmp_path)
+    assert "DIVERGED: toy/xs/M20: the training loss is nan at step 10" in capfd.readouterr().err
+    assert not any((tmp_path / name).exists() for name in OUTPUTS)
+
+
+def test_a_run_whose_loss_rises_late_is_marked_diverged(data, tmp_path, capfd):  # noqa: F811
+    """The last 40% of the stream is random ids: the loss climbs from its low to ln(256)
+    and beyond. The run finishes, says DIVERGED in its log and in its summary."""
+    stream = data["stream"].copy()
+    cut = 60 * TOKENS_PER_STEP
+    stream[cut:] = np.random.default_rng(1).integers(0, 256, stream.size - cut)
+    write_shards(tmp_path / "tokens", [stream], vocab_size=256, eot_id=1)
+    spec = make_spec(100 * TOKENS_PER_STEP)
+    summary = run_train(spec, {**data, "tokens": tmp_path / "tokens"}, tmp_path / "run")
+    written = json.loads((tmp_path / "run" / "train.json").read_text())
+    assert written["diverged"] is True
+    assert written["divergence_reason"].startswith(
+        "the mean training loss of the last tenth of the tokens (steps 91-100) is "
+    )
+    assert f"DIVERGED: toy/xs/M20: {written['divergence_reason']}" in capfd.readouterr().err
+    assert summary == written
+
+
+@pytest.mark.parametrize(
+    ("damage", "found"),
+    [
+        ("fewer-tokens", "it has 2,000 bytes"),
+        ("odd-byte-count", "it has 13,999 bytes"),
+        ("missing", "it is missing"),
+    ],
+    ids=["fewer-tokens", "odd-byte-count", "missing"],
+)
+def test_a_damaged_token_shard_is_named_with_its_sizes_and_how_to_rebuild_it(
+    data,  # noqa: F811
+    tmp_path,
+    damage,
+    found,
+):
+    """A shard of 7,000 uint16 ids cut short, cut to an odd byte count, or deleted: the
+    trainer names the file, both sizes and the command that rebuilds the shards, not a
+    shortfall of data (there is plenty) or a numpy traceback."""
+    tokens = tmp_path / "tokens"
+    shutil.copytree(data["tokens"], tokens)
+    shard = tokens / "00003.bin"
+    if damage == "missing":
+        shard.unlink()
+    else:
+        os.truncate(shard, {"fewer-tokens": 2000, "odd-byte-count": 13999}[damage])
+    command = train_command(make_spec(20 * TOKENS_PER_STEP), {**data, "tokens": tokens}, tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        train.main(command[3:])
+    assert str(exit_.value) == (
+        f"error: token shard {shard} is damaged: meta.json lists 7,000 tokens (14,000 bytes of "
+        f"uint16) but {found}. The shards come from the tokenize rule: rebuild them with "
+        f"`snakemake --forcerun {tokens}` (or delete {tokens} and re-run snakemake)"
+    )
+    assert not (tmp_path / "work").exists()
+
+
+@pytest.fixture
+def checkpoint(tmp_path) -> Path:
+    """A tiny model's checkpoint where a run keeps it, and a validation shard for it."""
+    directory = tmp_path / "runs" / "toy" / "xs" / "M20" / "checkpoints" / "step000010"
+    torch.manual_seed(0)
+    build_model(make_shape(vocab_size=64, context_length=8)).save_pretrained(directory)
+    ids = np.random.default_rng(0).integers(0, 64, 200)
+    write_shards(tmp_path / "val", [ids], vocab_size=64, eot_id=0)
+    return directory
+
+
+@pytest.mark.parametrize(
+    ("stage", "removed"),
+    [
+        ("evaluate", "model.safetensors"),
+        ("evaluate", "config.json"),
+        ("evaluate", "the folder"),
+        ("downstream", "model.safetensors"),
+    ],
+    ids=["evaluate-without-weights", "evaluate-without-config", "evaluate-no-folder", "downstream"],
+)
+def test_an_incomplete_checkpoint_is_named_before_it_is_loaded(
+    checkpoint,
+    offline_suite,  # noqa: F811
+    tmp_path,
+    stage,
+    removed,
+):
+    if removed == "the folder":
+        shutil.rmtree(checkpoint)
+        problem = "does not exist"
+    else:
+        (checkpoint / removed).unlink()
+        problem = f"is incomplete: {removed} missing"
+    arguments = ["--checkpoint", str(checkpoint), "--run", json.dumps(RUN)]
+    arguments += ["--batch-size", "4", "--device", "cpu", "--threads", "1"]
+    if stage == "evaluate":
+        outputs = {"val": str(tmp_path / "loss-val.json")}
+        arguments += ["--validation", json.dumps({"val": str(tmp_path / "val")})]
+        arguments += ["--outputs", json.dumps(outputs), "--max-tokens", "80", "--bootstrap", "10"]
+        prefix, main = "evaluate_loss", evaluate.main
+    else:
+        _, suite_dir, _ = offline_suite
+        arguments += ["--suite", str(suite_dir), "--summary", str(tmp_path / "summary.json")]
+        arguments += ["--results", str(tmp_path / "lm-eval.json")]
+        prefix, main = "evaluate_downstream", downstream.main
+    with pytest.raises(SystemExit) as exit_:
+        main(arguments)
+    checkpoints = checkpoint.parent
+    assert str(exit_.value) == (
+        f"{prefix}: checkpoint {checkpoint} {problem}. A run's checkpoints come from its "
+        f"training: retrain the run with `snakemake --forcerun {checkpoints}` (or delete "
+        f"{checkpoints} and re-run snakemake)"
+    )
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["runs", "suite", "val", "val.jsonl"]
+
+
+def leave_temporaries(final: Path, pid: int, live_pid: int) -> tuple[Path, Path]:
+    """A killed writer's temporary of ``final`` (a folder with a file, as a killed prepare
+    leaves one) and a live writer's, which must stay."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    stale = final.with_name(f".{final.name}.tmp-{pid}")
+    stale.mkdir()
+    (stale / "part").write_bytes(b"\0" * 4096)
+    live = final.with_name(f".{final.name}.tmp-{live_pid}")
+    live.write_text("another writer's work in progress")
+    return stale, live
+
+
+def run_stage(stage: str, root: Path, data: dict) -> list[Path]:  # noqa: F811
+    """Run ``stage`` into ``root`` as its rule would; the outputs it wrote."""
+    if stage == "prepare":
+        documents = root / "documents.jsonl"
+        documents.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(40)))
+        source = {"kind": "files", "paths": [str(documents)]}
+        prepare("mine", source, 0.2, root / "corpus" / "mine", root / "cache")
+        return [root / "corpus" / "mine"]
+    if stage == "tokenizer":
+        save_tokenizer(AutoTokenizer.from_pretrained(data["tokenizer"]), root / "tokenizer")
+        return [root / "tokenizer"]
+    if stage == "tokenize":
+        write_shards(root / "tokens" / "train", [np.arange(100)], vocab_size=256, eot_id=1)
+        return [root / "tokens" / "train"]
+    if stage == "train":
+        run_train(make_spec(10 * TOKENS_PER_STEP), data, root / "run")
+        return [root / "run" / name for name in OUTPUTS]
+    build_model(make_shape(vocab_size=64, context_length=8)).save_pretrained(root / "model")
+    write_shards(root / "val", [np.arange(100) % 64], vocab_size=64, eot_id=0)
+    output = root / "eval" / "loss-val.json"
+    evaluate_checkpoint(
+        root / "model", {"val": root / "val"}, {"val": output}, {}, 80, 10, 4, "cpu"
+    )
+    return [output]
+
+
+@pytest.mark.parametrize("stage", ["prepare", "tokenizer", "tokenize", "train", "evaluate"])
+def test_a_temporary_left_by_a_killed_stage_is_removed_by_its_next_run(
+    data,  # noqa: F811
+    tmp_path,
+    stage,
+):
+    """A SIGKILL skips ``atomic_path``'s cleanup and leaves ``.NAME.tmp-PID`` beside the
+    output; the stage's next run removes those of dead processes, and only those."""
+    finals = {
+        "prepare": tmp_path / "corpus" / "mine",
+        "tokenizer": tmp_path / "tokenizer",
+        "tokenize": tmp_path / "tokens" / "train",
+        "train": tmp_path / "run" / "checkpoints",
+        "evaluate": tmp_path / "eval" / "loss-val.json",
+    }
+    with subprocess.Popen(["sleep", "60"]) as sleeper:
+        try:
+            stale, live = leave_temporaries(finals[stage], dead_pid(), sleeper.pid)
+            outputs = run_stage(stage, tmp_path, data)
+        finally:
+            sleeper.kill()
+    assert all(output.exists() for output in outputs)
+    assert not stale.exists()
+    assert live.exists()
