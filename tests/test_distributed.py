@@ -69,12 +69,13 @@ def test_two_processes_give_the_single_process_curve(data, tmp_path):  # noqa: F
     batch, so rank 1 has nothing to predict in it.
     """
     tokens = 40 * TOKENS_PER_STEP + 21
-    spec = make_spec(tokens, log_every=5)
-    two = torchrun(spec, make_engine(), data, tmp_path / "two", stderr=subprocess.PIPE)
+    spec, engine = make_spec(tokens), make_engine(log_every=5)
+    two = torchrun(spec, engine, data, tmp_path / "two", stderr=subprocess.PIPE)
     _, log = two.communicate(timeout=300)
     assert two.returncode == 0, log[-5000:]
     assert "on 2 x cpu (ddp)" in log
-    run_train(dataclasses.replace(spec, micro_batch_size=BATCH_SIZE // 2), data, tmp_path / "one")
+    one_spec = dataclasses.replace(spec, micro_batch_size=BATCH_SIZE // 2)
+    run_train(one_spec, data, tmp_path / "one", engine)
 
     assert sorted(path.name for path in (tmp_path / "two").iterdir()) == sorted(OUTPUTS)
     assert json.loads((tmp_path / "two" / "train.json").read_text())["processes"] == 2
@@ -100,7 +101,7 @@ def test_preempted_fsdp_job_resumes_in_one_process(data, tmp_path, capfd):  # no
     bitwise)."""
     # Half the batch per forward pass: each FSDP process's share, and the one process's
     # micro-batch, so that both sum the same gradients in the same order.
-    spec = make_spec(400 * TOKENS_PER_STEP, log_every=10, micro_batch_size=BATCH_SIZE // 2)
+    spec = make_spec(400 * TOKENS_PER_STEP, micro_batch_size=BATCH_SIZE // 2)
     engine = make_engine(parallelism="fsdp")
     assert spec.checkpoint_steps == [200, 400]
     run_dir = tmp_path / "preempted"

@@ -32,7 +32,8 @@ from workflow.settings import FitSettings
 DOWNSTREAM = (ERROR, ACCURACY)  # fitted in this order, so the error averages' draws come first
 OK, DEGENERATE, FAILED = "ok", "degenerate", "failed"  # a fit's status
 # A task is predictable when, at the fit point with the most compute, its error is below its
-# error at chance by more than this many sds of that measurement's binomial noise.
+# error at chance (where unknown, at the fit point with the least compute) by more than this
+# many sds of that measurement's noise.
 SIGNAL_SDS = 3.0
 
 
@@ -124,19 +125,24 @@ class LadderMeasurements:
         return float(error) if 0.0 < error <= 1.0 else 1.0
 
     def predictability(self, metric: str, eval_name: str, selected: np.ndarray) -> Predictability:
-        """The signal and noise of a downstream evaluation at the fit points ``selected``."""
+        """The signal and noise of a downstream evaluation at the fit points ``selected``: the
+        error at chance (where unknown, at the fit point with the least compute) less the
+        error at the fit point with the most compute."""
         error = self.fitted_value(metric, eval_name)
         measured = selected & np.isfinite(error)
         if not measured.any():
             return Predictability(np.nan, np.nan)
-        compute = np.where(measured, self.table["N"].to_numpy(float) * self.table["D"], -np.inf)
-        last = int(np.argmax(compute))
+        compute = self.table["N"].to_numpy(float) * self.table["D"].to_numpy(float)
+        first = int(np.argmin(np.where(measured, compute, np.inf)))
+        last = int(np.argmax(np.where(measured, compute, -np.inf)))
+        chance = self.chance(metric, eval_name)
+        reference = error[first] if np.isnan(chance) else self.chance_error(metric, eval_name)
         items = self.value(metric, eval_name, "n_examples")[last]
         noise = self.interval_width(metric, eval_name)[last] / (2 * Z_95)
         if metric == ACCURACY and items > 0:
             shrunk = (error[last] * items + 1) / (items + 2)  # a task at 0 or 1 has noise too
             noise = np.sqrt(shrunk * (1 - shrunk) / items)
-        return Predictability(self.chance_error(metric, eval_name) - error[last], float(noise))
+        return Predictability(float(reference - error[last]), float(noise))
 
     def interval_width(self, metric: str, eval_name: str) -> np.ndarray:
         """ci_high - ci_low of each run (NaN where a measurement has no interval)."""
