@@ -9,7 +9,7 @@ import os
 import sys
 
 from workflow.config import unusual_cost, validate_config
-from workflow.paths import RUN_PATTERN, Layout, checkpoint_path
+from workflow.paths import RUN_PATTERN, TRUNK_PATTERN, Layout, checkpoint_path, trunk_state_steps
 from workflow.resources import (
     downstream_resources,
     evaluate_resources,
@@ -17,16 +17,19 @@ from workflow.resources import (
     launch_command,
     rule_resources,
     train_resources,
+    trunk_resources,
 )
-from workflow.runs import find_run, trained_runs
+from workflow.runs import find_run, find_trunk, trained_runs
 from workflow.settings import (
     JsonSettings,
+    cooldown,
     engine_settings,
     error_loss_eval,
     fit_settings,
     ingest_settings,
     measured_elsewhere,
     run_spec,
+    trunk_spec,
 )
 
 validate_config(config)
@@ -44,6 +47,7 @@ wildcard_constraints:
 
 
 RUN_DIR = RUN_PATTERN
+TRUNK_DIR = TRUNK_PATTERN
 
 
 def out(*parts):
@@ -132,7 +136,7 @@ def downstream_eval_files():
 
 def final_targets():
     """What `snakemake` with no target builds: the predictions and what a reader looks at."""
-    figures = [layout.plot("scaling.png"), layout.plot("targets.html")]
+    figures = [layout.plot(name) for name in ("scaling.png", "targets.html", "calibration.png")]
     if not measured_elsewhere(config):
         figures.append(layout.plot("curves.png"))
     return [layout.predictions(), layout.fits(), *figures]
@@ -165,9 +169,45 @@ def train_spec(run):
 
 
 def train_engine(run):
-    """How a run is computed (speed and memory), apart from train_spec, which holds what
-    determines its result; a killed run resumes under other values of these."""
+    """How a run (or trunk) is computed (speed and memory), apart from train_spec, which holds
+    what determines its result; a killed run resumes under other values of these."""
     return engine_settings(config, run)
+
+
+def train_cooldown(run):
+    """Under train.schedule wsd, how the run leaves its trunk (branch step, decay)."""
+    return cooldown(config, run)
+
+
+def training_identity(run):
+    """What a run's result depends on, as JSON: its spec (and under wsd its cooldown). The
+    evaluations record it, so that a change re-runs them even when the new training failed."""
+    spec = train_spec(run)
+    if run.branch_step is None:
+        return as_json(spec)
+    return as_json({"spec": spec.to_json(), "cooldown": train_cooldown(run).to_json()})
+
+
+def trunk_of(wildcards):
+    """The Trunk (train.schedule wsd) a job's {dataset}/{size} wildcards name."""
+    return find_trunk(config, wildcards.dataset, wildcards.size)
+
+
+def train_trunk_spec(trunk):
+    """What determines a trunk's states: its size's settings, not how far it trains."""
+    return trunk_spec(config, trunk)
+
+
+def trunk_branch_steps(wildcards):
+    """The branch points of every run of a job's trunk, as JSON."""
+    return as_json(list(trunk_of(wildcards).branch_steps))
+
+
+def cooldown_resources(config, run, attempt=1):
+    """A wsd run's job: its cooldown, plus the trunk it grows first if its trunk keeps no
+    state at its branch point yet (Snakemake asks again once the trunk job has run)."""
+    kept = trunk_state_steps(layout.trunk_states(run.trunk_key))
+    return train_resources(config, run, attempt, kept)
 
 
 def checkpoint_identity(run, step):

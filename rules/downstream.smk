@@ -45,7 +45,7 @@ rule evaluate_downstream:
         hf_home=hf_home(),
         # Not used by the command: recorded, so that a change to the run's training spec
         # re-runs its evaluations even when the new training failed and left no outputs.
-        trained_with=lambda wildcards: as_json(train_spec(run_of(wildcards))),
+        trained_with=lambda wildcards: training_identity(run_of(wildcards)),
     shell:
         "HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HOME={params.hf_home}"
         " python -m workflow.downstream --checkpoint {params.checkpoint}"

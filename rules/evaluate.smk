@@ -27,7 +27,7 @@ rule evaluate_loss:
         device=config["train"]["device"],
         # Not used by the command: recorded, so that a change to the run's training spec
         # re-runs its evaluations even when the new training failed and left no outputs.
-        trained_with=lambda wildcards: as_json(train_spec(run_of(wildcards))),
+        trained_with=lambda wildcards: training_identity(run_of(wildcards)),
     shell:
         "python -m workflow.evaluate --checkpoint {params.checkpoint}"
         " --validation {params.validation:q} --outputs {params.outputs:q} --run {params.run:q}"

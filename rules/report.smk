@@ -30,10 +30,12 @@ rule plot:
 
 
 rule target_table:
-    """Every measured target's prediction, interval, actual value and relative error."""
+    """Every measured target's prediction, interval, actual value and relative error; the
+    tasks' accuracies by predictability."""
     localrule: True
     input:
-        layout.predictions(),
+        predictions=layout.predictions(),
+        fits=layout.fits(),
     output:
         report(
             layout.plot("targets.html"),
@@ -50,8 +52,33 @@ rule target_table:
     conda:
         "../envs/fit.yaml"
     shell:
-        "python -m workflow.targets --predictions {input} --loss-eval {params.loss_eval}"
-        " --out {output} > {log} 2>&1"
+        "python -m workflow.targets --predictions {input.predictions} --fits {input.fits}"
+        " --loss-eval {params.loss_eval} --out {output} > {log} 2>&1"
+
+
+rule calibration_view:
+    """Every measured target, predicted against actual with its 95% interval; coverage."""
+    localrule: True
+    input:
+        layout.predictions(),
+    output:
+        report(
+            layout.plot("calibration.png"),
+            caption="../report/calibration.rst",
+            category="Scaling laws",
+            labels={"figure": "predicted vs actual, with intervals"},
+        ),
+    params:
+        loss_eval=error_loss_eval(config),
+    log:
+        layout.log("calibration_view"),
+    benchmark:
+        layout.benchmark("calibration_view")
+    conda:
+        "../envs/fit.yaml"
+    shell:
+        "python -m workflow.calibration_view --predictions {input}"
+        " --loss-eval {params.loss_eval} --out {output} > {log} 2>&1"
 
 
 if not measured_elsewhere(config):

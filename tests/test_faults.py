@@ -1,6 +1,7 @@
 """Faults injected into real stages: each case breaks one thing the way a cluster or a person
-does (a kill, a second trainer, a truncated file, a deleted one, a diverging run) and checks
-that nothing is lost and nothing wrong passes for finished.
+does (a kill, of a run, a trunk or a run growing its trunk; a second trainer, a truncated
+file, a deleted one, a diverging run) and checks that nothing is lost and nothing wrong passes
+for finished.
 
 The stages are called directly on tiny shapes, or started as their command lines where a
 kill or a second process is the fault; no Snakemake run.
@@ -8,6 +9,7 @@ kill or a second process is the fault; no Snakemake run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -32,19 +34,23 @@ from test_train import (
     data,  # noqa: F401 (a fixture)
     make_engine,
     make_spec,
+    run_outputs,
     run_train,
     saved_step,
     train_command,
 )
 from transformers import AutoTokenizer
 
-from workflow import downstream, evaluate, train
+from workflow import downstream, evaluate, train, trunk
 from workflow.errors import TrainError
 from workflow.evaluate import evaluate_checkpoint
 from workflow.model import build_model
+from workflow.paths import trunk_state_steps
 from workflow.prepare import prepare
+from workflow.settings import Cooldown, TrunkSpec
 from workflow.shards import write_shards
 from workflow.tokenization import save_tokenizer
+from workflow.trunk import TrunkStates
 
 pytestmark = pytest.mark.faults
 
@@ -168,6 +174,168 @@ def test_a_second_trainer_of_a_running_run_is_refused_and_the_first_completes(
     first.communicate(timeout=120)
     assert first.returncode == 0
     assert_complete_and_equal(run_dir, reference)
+
+
+# train.schedule wsd: a trunk kept at two branch points, and a run that branches at the second.
+TRUNK = TrunkSpec.of_run(SPEC, "toy/xs")
+BRANCH_STEPS = (60, 150)
+WSD_SPEC = dataclasses.replace(SPEC, checkpoint_steps=[175, STEPS])
+COOLDOWN = Cooldown(trunk="toy/xs", branch_step=150, decay="1-sqrt")
+
+
+def trunk_command(data: dict, states: Path, summary: Path) -> list[str]:  # noqa: F811
+    """The trunk stage's command line, as rules/train.smk writes it."""
+    return [
+        sys.executable,
+        "-m",
+        "workflow.trunk",
+        "--spec",
+        TRUNK.to_json(),
+        "--branch-steps",
+        json.dumps(BRANCH_STEPS),
+        "--engine",
+        ENGINE.to_json(),
+        "--threads",
+        "1",
+        "--data",
+        str(data["tokens"]),
+        "--states",
+        str(states),
+        "--summary",
+        str(summary),
+    ]
+
+
+def assert_same_state(path: Path, reference: Path) -> None:
+    """Two saved training states hold bitwise the same weights, optimizer state and curve."""
+    state = torch.load(path, weights_only=False)
+    expected = torch.load(reference, weights_only=False)
+    assert state["spec_hash"] == expected["spec_hash"]
+    for part in ("model", "optimizer"):
+        flat, flat_expected = flatten(state[part]), flatten(expected[part])
+        assert flat.keys() == flat_expected.keys()
+        for key, value in flat_expected.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(flat[key], value), (path, key)
+            else:
+                assert flat[key] == value, (path, key)
+    columns = ["step", "tokens", "loss", "lr"]
+    rows = [[row[column] for column in columns] for row in state["progress"]["curve"]]
+    assert rows == [[row[column] for column in columns] for row in expected["progress"]["curve"]]
+
+
+def flatten(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        return {
+            key: value
+            for name, subtree in tree.items()
+            for key, value in flatten(subtree, f"{prefix}/{name}").items()
+        }
+    if isinstance(tree, list | tuple):
+        return {
+            key: value
+            for index, item in enumerate(tree)
+            for key, value in flatten(item, f"{prefix}/{index}").items()
+        }
+    return {prefix: tree}
+
+
+@pytest.fixture(scope="module")
+def trunk_reference(data, tmp_path_factory) -> TrunkStates:  # noqa: F811
+    """The trunk grown once without a fault."""
+    root = tmp_path_factory.mktemp("trunk-reference")
+    states = TrunkStates(root / "states", BRANCH_STEPS)
+    trunk.grow(TRUNK, ENGINE, data["tokens"], states, root / "trunk.json", threads=1)
+    return states
+
+
+@pytest.mark.parametrize("kill_step", [35, 110], ids=lambda step: f"sigkill-at-step-{step}")
+def test_a_trunk_killed_at_a_random_step_resumes_to_the_same_states(
+    data,  # noqa: F811
+    trunk_reference,
+    tmp_path,
+    capfd,
+    kill_step,
+):
+    """Killed before or after its first branch point, the trunk's next job continues from
+    its resume state (not step 0) and keeps states bitwise equal to the uninterrupted ones."""
+    states = TrunkStates(tmp_path / "states", BRANCH_STEPS)
+    trunk_job = subprocess.Popen(
+        trunk_command(data, states.directory, tmp_path / "trunk.json"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENVIRONMENT,
+    )
+    wait_for_step(trunk_job, kill_step)
+    trunk_job.kill()
+    trunk_job.wait()
+    assert not (tmp_path / "trunk.json").exists()
+    killed_at = saved_step(states.resume_state)
+    assert kill_step - 10 <= killed_at <= kill_step + 1
+    capfd.readouterr()
+    summary = trunk.grow(TRUNK, ENGINE, data["tokens"], states, tmp_path / "trunk.json", 1)
+    target = 60 if killed_at < 60 else 150
+    assert (
+        f"toy/xs/trunk: training from step {killed_at} to step {target}" in capfd.readouterr().err
+    )
+    assert summary["trained_steps"] == [[killed_at, 150]]
+    assert trunk_state_steps(states.directory) == list(BRANCH_STEPS)
+    for step in BRANCH_STEPS:
+        assert_same_state(states.state(step), trunk_reference.state(step))
+
+
+@pytest.mark.parametrize("phase", ["growing-its-trunk", "in-its-cooldown"])
+def test_a_wsd_run_killed_while_growing_its_trunk_or_cooling_resumes_to_the_same_run(
+    data,  # noqa: F811
+    trunk_reference,
+    tmp_path,
+    capfd,
+    phase,
+):
+    """A run added after its trunk grows it from step 60 to its branch point 150, then decays;
+    killed in either part, its next job continues where the kill left it and ends bitwise
+    equal to the run trained alone."""
+    growing = phase == "growing-its-trunk"
+    states = TrunkStates(tmp_path / "states", BRANCH_STEPS)
+    shutil.copytree(trunk_reference.directory, states.directory)
+    if growing:
+        states.state(150).unlink()
+    kill_step = 100 if growing else 180
+    resume = states.resume_state if growing else tmp_path / "run" / "work" / "resume.pt"
+    command = train_command(WSD_SPEC, data, tmp_path / "run", ENGINE)
+    command += ["--cooldown", COOLDOWN.to_json(), "--trunk-states", str(states.directory)]
+    command += ["--branch-steps", json.dumps(BRANCH_STEPS)]
+    job = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENVIRONMENT
+    )
+    wait_for_step(job, kill_step)
+    job.kill()
+    job.wait()
+    killed_at = saved_step(resume)
+    assert kill_step - 10 <= killed_at <= kill_step + 1
+    capfd.readouterr()
+    run_dir, alone = tmp_path / "run", tmp_path / "alone"
+    outputs = run_outputs(run_dir)
+    train.train(WSD_SPEC, ENGINE, data["tokens"], data["tokenizer"], outputs, 1, COOLDOWN, states)
+    log = capfd.readouterr().err
+    if growing:
+        assert f"toy/xs/trunk: training from step {killed_at} to step 150" in log
+    else:
+        assert f"resuming at step {killed_at}/{STEPS}" in log
+    outputs = run_outputs(alone)
+    train.train(WSD_SPEC, ENGINE, data["tokens"], data["tokenizer"], outputs, 1, COOLDOWN, None)
+    weights, expected = checkpoint_weights(run_dir), checkpoint_weights(alone)
+    assert list(weights) == ["step000175", "step000200"]
+    for step, tensors in expected.items():
+        for name, tensor in tensors.items():
+            assert torch.equal(weights[step][name], tensor), (step, name)
+    columns = ["step", "tokens", "loss", "lr"]
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(run_dir / "curve.parquet")[columns],
+        pd.read_parquet(alone / "curve.parquet")[columns],
+        check_exact=True,
+    )
 
 
 def test_a_run_whose_loss_turns_non_finite_stops_naming_the_step(data, tmp_path, capfd):  # noqa: F811

@@ -10,7 +10,7 @@ import pytest
 from test_fit import GRID, PAPER_POINTS, SIZES, TRUE_ERROR, TRUE_LOSS, settings, synthetic_runs
 
 from workflow import fit, forms, laws
-from workflow.forms import ERROR, EXPONENTIAL, LOSS, PAPER, SIZE, Form
+from workflow.forms import ACCURACY, ERROR, EXPONENTIAL, LOSS, PAPER, SIZE, Form
 from workflow.routines import HuberOnLogLoss, LeastSquares, huber_log_objective
 
 LADDER_N = np.repeat(list(SIZES.values())[:4], 4).astype(float)
@@ -38,6 +38,8 @@ KNOWN = {
         (1.7, 400.0, 1500.0, 0.30, 0.33), (LADDER_N, LADDER_D), 1e-3, [0, 3, 4], 0.1, FAR, 0.01
     ),
     "exponential": Known(TRUE_ERROR, (np.linspace(2.3, 6.0, 8),), 2e-4, [0, 1, 2], 0.02),
+    "sigmoid": Known((-3.0, 1.2), (np.linspace(2.3, 6.0, 8),), 2e-4, [0, 1], 0.01),
+    "direct": Known((8.5, -0.2, 0.1), (LADDER_N, LADDER_D), 2e-4, [0, 1, 2], 0.02, FAR, 0.005),
 }
 FIT_SETTINGS = settings(bootstrap=0)
 
@@ -56,10 +58,14 @@ def test_forms_predict_loss_or_error_from_size_or_loss_under_unique_names():
         assert len(set(labels)) == len(labels)
 
 
-def test_the_error_law_ends_each_loss_forms_chain_under_its_name():
+def test_each_form_of_the_loss_ends_each_loss_forms_chain_under_its_name():
     loss_forms = forms.predicting(LOSS)
-    assert forms.chain_labels(ERROR) == [form.name for form in loss_forms]
+    assert forms.chain_labels(ERROR) == [
+        "paper", "paper+sigmoid", "chinchilla", "chinchilla+sigmoid", "direct"
+    ]  # fmt: skip
+    assert [EXPONENTIAL.chain_label(form) for form in loss_forms] == [f.name for f in loss_forms]
     assert EXPONENTIAL.chain_label(PAPER) == PAPER.chain_label() == "paper"
+    assert forms.chain_labels(ACCURACY) == forms.chain_labels(ERROR)
 
 
 @pytest.mark.parametrize(
@@ -151,10 +157,10 @@ def test_a_form_predicts_for_every_bootstrap_replicate_at_once():
 def test_a_new_form_is_one_entry(monkeypatch):
     """A second loss form and a form of error straight from (C, M) join the tables as they
     are registered, the first with the error law chained on."""
-    few_starts = LeastSquares(laws.loss_jacobian, lambda chosen: forms.PAPER_GRID[::8])
+    few_starts = LeastSquares(laws.loss_jacobian, lambda *problem: forms.PAPER_GRID[::8])
     fewer_starts = dataclasses.replace(PAPER, name="paper-16", label="paper-16", fitting=few_starts)
     direct = dataclasses.replace(
-        PAPER, name="direct", predicts=ERROR, label="direct", fitting=few_starts
+        PAPER, name="paper-direct", predicts=ERROR, label="paper-direct", fitting=few_starts
     )
     monkeypatch.setattr(forms, "FORMS", (*forms.FORMS, fewer_starts, direct))
     rows = synthetic_runs([*GRID, ("xl", 20)], noise=2e-3, seed=5, errors=True)
@@ -162,9 +168,10 @@ def test_a_new_form_is_one_entry(monkeypatch):
     predictions, fits = fit.fit_table(rows, chosen)
     by_chain = predictions.groupby(["form", "quantity"]).size().to_dict()
     assert by_chain[("paper-16", LOSS)] == by_chain[("paper-16", ERROR)] == len(GRID) + 1
-    assert by_chain[("direct", ERROR)] == len(GRID) + 1 and ("direct", LOSS) not in by_chain
+    assert by_chain[("paper-direct", ERROR)] == len(GRID) + 1
+    assert ("paper-direct", LOSS) not in by_chain
     laws_of = fits.groupby("form")["law"].unique().map(sorted).to_dict()
-    assert laws_of["paper-16"] == [ERROR, LOSS] and laws_of["direct"] == [ERROR]
+    assert laws_of["paper-16"] == [ERROR, LOSS] and laws_of["paper-direct"] == [ERROR]
     assert predictions["predicted"].notna().all()
 
 

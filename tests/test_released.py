@@ -119,6 +119,18 @@ def test_errors_are_plain_means_of_one_minus_accuracy(ingested):
         assert error[group] == pytest.approx(np.mean(1 - accuracy[tasks]), rel=1e-12)
 
 
+def test_chance_is_the_random_baseline_and_an_averages_its_tasks_error_at_chance(ingested):
+    frame, groups = ingested
+    run = frame[(frame["dataset"] == "c4") & (frame["size"] == "1.4B") & (frame["M"] == 80)]
+    chance = run[run["metric"] == "accuracy"].set_index("eval")["chance"]
+    assert chance["hellaswag"] == 0.25 and chance["copa"] == 0.5
+    assert chance["lambada_openai"] == 0.0
+    error = run[run["metric"] == "error"].set_index("eval")["chance"]
+    for group, tasks in groups["groups"].items():
+        assert error[group] == pytest.approx(np.mean(1 - chance[tasks]), rel=1e-12)
+    assert run.loc[run["metric"] == "loss", "chance"].isna().all()
+
+
 def test_validation_set_names_follow_the_papers_parser():
     assert eval_name("training/eval_data/c4_val/shard-{0000000..0000010}.tar") == "c4_val"
     assert eval_name("training/eval_data/val_tok_mult/de-en/val_de-en_100.tar") == "val_de-en_100"
@@ -162,8 +174,11 @@ def test_preset_runs_end_to_end(tmp_path):
         "dataset", "form", "N", "M", "D", "C", "quantity", "eval", "role", "predicted",
         "actual", "relative_error", "ci_low", "ci_high",
     ]  # fmt: skip
-    assert set(predictions["form"]) == {"paper", "chinchilla"}
+    assert set(predictions["form"]) == {
+        "paper", "paper+sigmoid", "chinchilla", "chinchilla+sigmoid", "direct"
+    }  # fmt: skip
     assert set(predictions.loc[predictions["quantity"] == "error", "eval"]) == {"avg17", "avg46"}
+    assert predictions.loc[predictions["quantity"] == "accuracy", "eval"].nunique() == 46
     assert set(predictions.loc[predictions["quantity"] == "loss", "eval"]) == LOSS_EVALS
     fits = pd.read_parquet(results / "fits.parquet")
     paper = fits[(fits["form"] == "paper") & (fits["eval"] == "c4_val")]

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from workflow.curves import plot_curves, read_curves
-from workflow.targets import render, summary, target_rows
+from workflow.targets import coverage, render, summary, target_rows
 
 
 def prediction(**columns) -> dict:
@@ -28,6 +28,7 @@ def prediction(**columns) -> dict:
         "ci_high": 3.05,
     }
     row.update(columns)
+    row["inside"] = row["ci_low"] <= row["actual"] <= row["ci_high"] if row["actual"] else None
     row["relative_error"] = (
         abs(row["predicted"] - row["actual"]) / row["actual"] if row["actual"] else None
     )
@@ -60,8 +61,8 @@ def test_the_table_holds_the_measured_targets_of_the_plotted_loss_and_every_erro
 
 
 def test_the_page_shows_each_relative_error(predictions):
-    page = render(target_rows(predictions, "val"), "val")
-    assert page.startswith("<!DOCTYPE html>") and page.count("<table") == 2
+    page = render(target_rows(predictions, "val"), "val", coverage(predictions))
+    assert page.startswith("<!DOCTYPE html>") and page.count("<table") == 3
     assert "3.85%" in page  # 0.1 / 2.6, the over-trained target
     assert "20.00%" in page and "3.23%" in page  # the error row; paper form at M = 20
 

@@ -21,11 +21,13 @@ from workflow.resources import (
     evaluate_resources,
     gpu_hours,
     job_gpus,
+    job_tokens,
     launch_command,
     rule_resources,
     train_resources,
+    trunk_resources,
 )
-from workflow.runs import find_run, trained_runs
+from workflow.runs import find_run, find_trunk, trained_runs, trunks
 
 GPU_RULES = ("train", "evaluate_loss", "evaluate_downstream")
 
@@ -142,7 +144,7 @@ def test_the_profile_comments_every_key_and_routes_real_rules_to_the_gpu_partiti
     profile = yaml.safe_load(text)
     assert profile["executor"] == "slurm"
     rules = "\n".join(path.read_text() for path in (REPO / "rules").glob("*.smk"))
-    assert set(profile["set-resources"]) <= set(re.findall(r"^rule (\w+):", rules, re.M))
+    assert set(profile["set-resources"]) <= set(re.findall(r"^\s*rule (\w+):", rules, re.M))
     gpu_partitions = {profile["set-resources"][rule]["slurm_partition"] for rule in GPU_RULES}
     assert len(gpu_partitions) == 1
     assert gpu_partitions != {profile["default-resources"]["slurm_partition"]}
@@ -165,7 +167,7 @@ def test_the_cost_table_sums_every_runs_compute_over_the_gpu_rate(tiny_config):
     table = cost_table(config).set_index("size")
     flops_per_hour = config["cluster"]["flops_per_gpu"] * 3600
     assert table.loc["total", "runs"] == len(runs)
-    assert table.loc["total", "gpu_hours"] == pytest.approx(
+    assert table.loc["total", "gpu_hours_cosine"] == pytest.approx(
         sum(run.compute for run in runs) / flops_per_hour
     )
     for run in runs:
@@ -206,3 +208,61 @@ def test_launch_command_starts_one_process_per_gpu():
 )
 def test_a_job_launches_one_process_per_gpu_however_the_profile_asks_for_them(resources, gpus):
     assert job_gpus(resources) == gpus
+
+
+def test_under_wsd_a_run_asks_for_its_cooldown_and_a_trunk_for_its_furthest_branch(tiny_config):
+    tiny_config["cluster"] = {"flops_per_gpu": 1.0e6, "runtime_margin": 1, "runtime_overhead": 0}
+    tiny_config["train"]["schedule"] = "wsd"
+    config = validated(tiny_config)
+    for run in trained_runs(config):
+        seconds_per_token = 6 * run.n_params / 1.0e6
+        cooldown = run.tokens - run.branch_step * run.tokens_per_step
+        assert 0.15 < cooldown / run.tokens < 0.25
+        expected = math.ceil(cooldown * seconds_per_token / 60)
+        assert (
+            train_resources(config, run, kept_trunk_steps=[run.branch_step])["runtime"] == expected
+        )
+    trunk = find_trunk(config, "wiki_en", "xs")
+    assert trunk.branch_steps == (77, 309, 1235)
+    expected = math.ceil(1235 * trunk.tokens_per_step * 6 * trunk.n_params / 1.0e6 / 60)
+    assert trunk_resources(config, trunk)["runtime"] == expected
+    assert trunk_resources(config, trunk, 2)["mem_mb"] == 2 * train_resources(config, run)["mem_mb"]
+    callables = rule_resources(trunk_resources, config, lambda w: find_trunk(config, **vars(w)))
+    wildcards = SimpleNamespace(**trunk.wildcards)
+    assert {name: fn(wildcards, 1) for name, fn in callables.items()} == trunk_resources(
+        config, trunk
+    )
+
+
+def test_a_run_added_after_its_trunk_asks_for_the_trunk_it_grows(tiny_config):
+    """Its job grows the trunk from the furthest kept state before its branch point."""
+    tiny_config["train"]["schedule"] = "wsd"
+    config = validated(tiny_config)
+    run = find_run(config, "wiki_en", "xs", 80)
+    tokens_per_step = run.tokens_per_step
+    cooldown = run.tokens - run.branch_step * tokens_per_step
+    assert job_tokens(run, [77, 309, 1235]) == cooldown
+    assert job_tokens(run, [77, 309]) == cooldown + (1235 - 309) * tokens_per_step
+    assert job_tokens(run, []) == run.tokens
+    cosine = find_run(validated(load_config("tests/configs/tiny.yaml")), "wiki_en", "xs", 80)
+    assert job_tokens(cosine, [77]) == cosine.tokens
+
+
+def test_the_cost_table_prices_both_schedules(default_config):
+    """The default's xs at M = 20, 80 and 160 trains 0.8 x 160 + 0.2 x (20 + 80 + 160) = 180
+    units of N tokens under wsd instead of 260; a size with one multiplier costs the same."""
+    default_config["cluster"] = {"flops_per_gpu": 1.0e12}
+    config = validated(default_config)
+    table = cost_table(config).set_index("size")
+    xs = table.loc["xs"]
+    assert xs["tokens_cosine"] == sum(run.tokens for run in trained_runs(config)[:3])
+    assert xs["tokens_wsd"] / xs["N"] == pytest.approx(180, abs=0.2)
+    assert xs["tokens_cosine"] / xs["N"] == pytest.approx(260, abs=0.01)
+    assert xs["gpu_hours_wsd"] / xs["gpu_hours_cosine"] == pytest.approx(180 / 260, rel=1e-3)
+    assert table.loc["s", "tokens_wsd"] == table.loc["s", "tokens_cosine"]
+    total = table.loc["total"]
+    default_config["train"]["schedule"] = "wsd"
+    wsd = validated(default_config)
+    cooldowns = sum(run.tokens - run.branch_step * run.tokens_per_step for run in trained_runs(wsd))
+    assert total["tokens_wsd"] == sum(trunk.tokens for trunk in trunks(wsd)) + cooldowns
+    assert total["tokens_cosine"] == sum(run.tokens for run in trained_runs(config))

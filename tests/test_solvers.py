@@ -139,3 +139,23 @@ def test_backtrack_takes_the_quadratics_minimum_within_a_tenth_and_a_half():
     trial_value = value + slope + curvature
     lengths = solvers._backtrack(np.ones(3), value, slope, trial_value)
     np.testing.assert_allclose(lengths, [0.4, 0.5, 0.1])
+
+
+def test_batched_levenberg_marquardt_reaches_curve_fits_minimum_on_every_row():
+    loss = np.linspace(2.5, 5.0, 6)
+    rng = np.random.default_rng(4)
+    values = laws.sigmoid_of_loss(loss, -3.0, 1.2) + 0.01 * rng.standard_normal((40, 6))
+    values[0, 2] = np.nan  # a point this row lacks: left out
+    starts = np.tile([-2.0, 1.0], (40, 1))
+    law, jacobian = laws.sigmoid_of_loss, laws.sigmoid_of_loss_jacobian
+    params, cost, converged = solvers.batched_levenberg_marquardt(
+        law, jacobian, (np.broadcast_to(loss, values.shape),), values, starts
+    )
+    assert converged.all()
+    for row in range(len(values)):
+        kept = np.isfinite(values[row])
+        scipys = curve_fit_lm(law, jacobian, (loss[kept],), values[row, kept], starts[row])
+        np.testing.assert_allclose(params[row], scipys, rtol=1e-5)
+        assert cost[row] == pytest.approx(
+            sum_of_squares(law, (loss[kept],), values[row, kept], scipys), rel=1e-8
+        )

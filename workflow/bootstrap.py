@@ -2,14 +2,14 @@
 
 Each replicate adds to every measurement a normal draw whose sd is the one its 95% interval
 implies, (ci_high - ci_low) / (2 x 1.96); a measurement without an interval (the released error
-averages have none) gets the sd of its law's residuals, sqrt(SSR / (n - p)), the law being the
-first form registered for its quantity. Every form of the quantity is refitted on the same
-replicates, each warm-started from its best fit, and the loss of the error law's x is
-drawn once per replicate and used both for its loss fit and as the error law's x, so error
-intervals carry the loss uncertainty too. The interval is the 2.5-97.5 percentile of the
-replicates' predictions (a refit that does not converge is left out and counted in the log): it
-covers evaluation noise of the fit points, not seed-to-seed training variance, nor a wrong
-functional form (compare the forms for that).
+averages and accuracies have none) gets the sd of its law's residuals, sqrt(SSR / (n - p)), the
+law being the first form, in registry order, that fitted that evaluation. Every form of the
+quantity is refitted on the same replicates, each warm-started from its best fit, and the loss
+of the error law's x is drawn once per replicate and used both for its loss fit and as the
+error law's x, so error and accuracy intervals carry the loss uncertainty too. The interval is
+the 2.5-97.5 percentile of the replicates' predictions (a refit that does not converge is left
+out and counted in the log): it covers evaluation noise of the fit points, not seed-to-seed
+training variance, nor a wrong functional form (compare the forms for that).
 """
 
 from __future__ import annotations

@@ -69,6 +69,9 @@ class Form:
     # The law gives the error as a fraction of its value at chance: fitted on error / chance
     # error, its predictions multiplied back, so they stay between 0 and chance.
     of_chance: bool = False
+    # The fitted law as a person reads it, from its parameters and the factor its values are
+    # multiplied by (the error at chance for a form of it).
+    formula: Callable[[np.ndarray, float], str] = lambda params, scale: str(params)
 
     def predict(self, source: tuple, params) -> np.ndarray:
         """The law at ``source`` (the arrays its source names), broadcasting over ``params``."""
@@ -149,16 +152,20 @@ LOGIT_MARGIN = 0.02
 
 
 def logit_starts(design: Callable[..., list[np.ndarray]]) -> Callable:
-    """Starts for sigma(a + ...) at the points: the least-squares line through their logits
-    (``design`` gives its columns from the law's inputs), and the flat curve at their mean."""
+    """Starts for sigma(a + sum_j c_j x_j) at the points: the least-squares plane through their
+    logits (``design`` gives the x_j from the law's inputs; an x_j that does not vary over the
+    points gets c_j = 0), and the flat curve at their mean."""
 
     def starts(settings: FitSettings, inputs: tuple, values: np.ndarray) -> np.ndarray:
         columns = np.column_stack(design(*inputs))
+        if not len(values):
+            return np.zeros((1, columns.shape[1] + 1))
         logits = _logit(np.clip(values, LOGIT_MARGIN, 1 - LOGIT_MARGIN))
-        line = np.linalg.lstsq(columns, logits, rcond=None)[0]
-        flat = np.zeros_like(line)
+        centre = columns.mean(axis=0)
+        slopes = np.linalg.lstsq(columns - centre, logits - logits.mean(), rcond=None)[0]
+        flat = np.zeros(len(slopes) + 1)
         flat[0] = _logit(np.clip(np.mean(values), LOGIT_MARGIN, 1 - LOGIT_MARGIN))
-        return np.array([line, flat])
+        return np.array([[logits.mean() - slopes @ centre, *slopes], flat])
 
     return starts
 
@@ -168,13 +175,13 @@ def _logit(fraction: ArrayLike) -> np.ndarray:
 
 
 def loss_design(loss: np.ndarray) -> list[np.ndarray]:
-    """The columns of a + b L."""
-    return [np.ones_like(loss), loss]
+    """The x of a + b L."""
+    return [loss]
 
 
 def size_design(compute_flops: np.ndarray, multiplier: np.ndarray) -> list[np.ndarray]:
-    """The columns of a + b ln C + m ln M."""
-    return [np.ones_like(compute_flops), np.log(compute_flops), np.log(multiplier)]
+    """The x of a + b ln C + m ln M."""
+    return [np.log(compute_flops), np.log(multiplier)]
 
 
 # Below this, exp(-gamma L) is linear to 1% across the fit points' loss range.
@@ -185,22 +192,32 @@ def straight_error_law(inputs: tuple, params: np.ndarray) -> str | None:
     """Err(L) whose exponential is a straight line over the fit points: its curvature is not
     identified, and epsilon and k are meaningless apart."""
     (loss,) = inputs
-    _, k, gamma = params
+    gamma = params[2]
     if not gamma * np.ptp(loss) < LINEAR_ERROR_LAW:
         return None
-    intercept, slope = straight_line(params)
     return (
-        f"a straight line over the fit points, Err = {intercept:.4g} + {slope:.4g} L "
-        f"(gamma {gamma:.2g} while epsilon and k grow together to {k:.3g}): its curvature is "
-        "not identified; the predictions follow the line, clipped to [0, 1]"
+        f"a straight line over the fit points, {describe_line(params)} (as gamma goes to 0, "
+        "epsilon and k grow together, meaningless apart)"
     )
 
 
-def straight_line(params: ArrayLike) -> tuple[float, float]:
-    """(intercept, slope) of the line epsilon - k + k gamma L that Err(L) = epsilon -
-    k exp(-gamma L) is at small gamma L."""
+def one_multiplier(inputs: tuple, params: np.ndarray) -> str | None:
+    """A form of (C, M) whose fit points share one M: its M term is not identified."""
+    _, multiplier = inputs
+    if np.ptp(np.log(multiplier)) > 0:
+        return None
+    return (
+        f"every fit point has M = {multiplier[0]:g}, so the M term is not identified: its "
+        "predictions at any other M mean nothing"
+    )
+
+
+def describe_line(params: ArrayLike) -> str:
+    """The line epsilon - k + k gamma L that Err(L) = epsilon - k exp(-gamma L) is at small
+    gamma L, as 'Err = intercept + slope L'."""
     epsilon, k, gamma = params
-    return epsilon - k, k * gamma
+    intercept, slope = epsilon - k, k * gamma
+    return f"Err = {intercept:.4g} {'-' if slope < 0 else '+'} {abs(slope):.4g} L"
 
 
 PAPER = Form(
@@ -231,6 +248,7 @@ EXPONENTIAL = Form(
     fitting=LeastSquares(laws.error_jacobian, lambda *problem: ERROR_START, batched_refits=True),
     label="{loss}",
     degenerate=straight_error_law,
+    formula=lambda params, scale: "Err = {:.3f} - {:.2f} exp(-{:.3f} L)".format(*params),
 )
 SIGMOID = Form(
     name="sigmoid",
@@ -240,10 +258,14 @@ SIGMOID = Form(
     law=laws.sigmoid_of_loss,
     params=("a", "b"),
     fitting=LeastSquares(
-        laws.sigmoid_of_loss_jacobian, logit_starts(loss_design), batched_refits=True
+        laws.sigmoid_of_loss_jacobian,
+        logit_starts(loss_design),
+        batched_fits=True,
+        batched_refits=True,
     ),
     label="{loss}+sigmoid",
     of_chance=True,
+    formula=lambda params, scale: "Err = {:.3f} sigma({:.3f} + {:.3f} L)".format(scale, *params),
 )
 DIRECT = Form(
     name="direct",
@@ -253,9 +275,16 @@ DIRECT = Form(
     law=laws.sigmoid_of_compute,
     params=("a", "b", "m"),
     fitting=LeastSquares(
-        laws.sigmoid_of_compute_jacobian, logit_starts(size_design), batched_refits=True
+        laws.sigmoid_of_compute_jacobian,
+        logit_starts(size_design),
+        batched_fits=True,
+        batched_refits=True,
     ),
+    degenerate=one_multiplier,
     of_chance=True,
+    formula=lambda params, scale: "Err = {:.3f} sigma({:.3f} + {:.4f} ln C + {:.4f} ln M)".format(
+        scale, *params
+    ),
 )
 
 FORMS: tuple[Form, ...] = (PAPER, CHINCHILLA, EXPONENTIAL, SIGMOID, DIRECT)
@@ -263,6 +292,13 @@ FORMS: tuple[Form, ...] = (PAPER, CHINCHILLA, EXPONENTIAL, SIGMOID, DIRECT)
 
 # The metrics of runs.parquet the forms predicting a quantity are fitted on, each on its own.
 FITTED_ON = {LOSS: (LOSS,), ERROR: (ERROR, ACCURACY)}
+
+
+def chance_error(metric: str, chance: float) -> float:
+    """The error at chance of a downstream metric whose ``chance`` (runs.parquet's) is given:
+    an error's chance, 1 - an accuracy's; 1 where unknown (NaN) or out of (0, 1]."""
+    error = 1.0 - chance if metric == ACCURACY else chance
+    return float(error) if 0.0 < error <= 1.0 else 1.0
 
 
 def fitted_as(metric: str) -> str:

@@ -119,10 +119,8 @@ class LadderMeasurements:
         )
 
     def chance_error(self, metric: str, eval_name: str) -> float:
-        """The error at chance: an error row's chance, 1 - an accuracy row's; 1 where unknown."""
-        chance = self.chance(metric, eval_name)
-        error = 1.0 - chance if metric == ACCURACY else chance
-        return float(error) if 0.0 < error <= 1.0 else 1.0
+        """The error at chance (``workflow.forms.chance_error``)."""
+        return forms.chance_error(metric, self.chance(metric, eval_name))
 
     def predictability(self, metric: str, eval_name: str, selected: np.ndarray) -> Predictability:
         """The signal and noise of a downstream evaluation at the fit points ``selected``: the

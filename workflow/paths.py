@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 RUN_PATTERN = "{dataset}/{size}/M{multiplier}"
+TRUNK_PATTERN = "{dataset}/{size}"
 STEP_PATTERN = "{step}"
 
 
@@ -34,6 +35,24 @@ def checkpoint_name(step: int | str) -> str:
 def checkpoint_path(checkpoints: str | Path, step: int | str) -> str:
     """One checkpoint's folder inside a run's checkpoints folder."""
     return str(Path(checkpoints, checkpoint_name(step)))
+
+
+def trunk_state_path(states: str | Path, step: int) -> str:
+    """A trunk's full training state after ``step`` steps, inside its states folder."""
+    return str(Path(states, f"{checkpoint_name(step)}.pt"))
+
+
+def trunk_state_steps(states: str | Path) -> list[int]:
+    """The steps of the trunk states in ``states`` (``trunk_state_path``'s names), ascending."""
+    directory = Path(states)
+    if not directory.is_dir():
+        return []
+    names = (path.name for path in directory.iterdir())
+    return sorted(
+        int(name[4:-3])
+        for name in names
+        if name.startswith("step") and name.endswith(".pt") and name[4:-3].isdigit()
+    )
 
 
 @dataclass(frozen=True)
@@ -79,6 +98,17 @@ class Layout:
     def train_work(self, run_key: str) -> str:
         """Where an unfinished run keeps its resume state and checkpoints until it finishes."""
         return self.path("runs", run_key, "work")
+
+    # Trunks (train.schedule: wsd), keyed ``{dataset}/{size}``
+    def trunk_summary(self, trunk_key: str) -> str:
+        """What the trunk job trained (its rule's output)."""
+        return self.path("trunks", trunk_key, "trunk.json")
+
+    def trunk_states(self, trunk_key: str) -> str:
+        """The trunk's full states at its branch points, its resume state and its lock; kept
+        across runs of the pipeline, so that a trunk extended for a new multiplier continues
+        from them."""
+        return self.path("trunks", trunk_key, "states")
 
     # Evaluation
     def loss_eval(self, run_key: str, step: int | str, validation_set: str) -> str:

@@ -9,8 +9,10 @@ with its bootstrap), and picks the N that minimises the predicted loss under
 so D = (budget - 2 N I) / 6N and M = D / N. Without inference the answer is the law's own
 compute-optimal multiplier M* = (b/a)^(1/(2 eta)); serving many tokens pushes towards smaller,
 over-trained models, which is the trade-off the paper's over-training laws make computable.
-The loss and error at the recommendation carry 95% intervals from the bootstrap refits, and
-the report says how far the recommendation lies beyond the fit points (an extrapolation).
+The loss and error at the recommendation are predicted as the fit stage predicts a target,
+with its calibrated 95% intervals (``workflow.calibration``), and the report says how far the
+recommendation lies beyond the fit points (an extrapolation); M's interval is the bootstrap's
+spread of the recommendation itself.
 
     python -m workflow.plan --budget 1e21 [--inference-tokens 1e12] [--configfile CONFIG]
 """
@@ -18,6 +20,8 @@ the report says how far the recommendation lies beyond the fit points (an extrap
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import math
 import sys
@@ -33,13 +37,16 @@ from scipy.optimize import minimize_scalar
 from workflow import laws
 from workflow.config import ConfigError, validate_config
 from workflow.errors import FitError
-from workflow.forms import EXPONENTIAL, PAPER
+from workflow.forms import ERROR, EXPONENTIAL, LOSS, PAPER
 from workflow.intervals import percentile_interval
-from workflow.ladder import fit_ladder
+from workflow.ladder import OK, fit_ladder
 from workflow.paths import Layout
+from workflow.predict import dataset_tables
 from workflow.settings import FitSettings, SettingsError, fit_settings
 from workflow.tables import read_runs_table
 
+# The size name of the recommended run among the predictions.
+PLANNED = "planned"
 # Inference FLOPs per served token: one forward pass.
 INFERENCE_FLOPS_PER_TOKEN_PER_PARAMETER = 2.0
 
@@ -61,6 +68,8 @@ class Plan:
     error_group: str | None
     error: float | None
     error_ci: tuple[float, float] | None
+    error_status: str | None  # the error law's fit: ok, degenerate or failed
+    error_clipped: str | None  # 'prediction' or 'interval' where [0, 1] cut it
     M_ci: tuple[float, float]
     compute_over_largest_fit: float
     fit_multipliers: tuple[float, float]
@@ -101,6 +110,19 @@ def interval(values: np.ndarray) -> tuple[float, float]:
     return (float(low), float(high))
 
 
+def _row(predictions: pd.DataFrame, quantity: str, form: str, eval_name: str) -> pd.Series:
+    chosen = predictions[
+        (predictions["quantity"] == quantity)
+        & (predictions["form"] == form)
+        & (predictions["eval"] == eval_name)
+    ]
+    return chosen.iloc[0]
+
+
+def _interval_of(row: pd.Series) -> tuple[float, float]:
+    return (float(row["ci_low"]), float(row["ci_high"]))
+
+
 def plan(
     runs_table: pd.DataFrame,
     settings: FitSettings,
@@ -117,7 +139,8 @@ def plan(
     if final.empty:
         datasets = sorted(runs_table["dataset"].unique())
         raise FitError(f"no final runs of dataset {dataset!r}; datasets: {datasets}")
-    ladder = fit_ladder(dataset, final, replace(settings, loss_eval=eval_name))
+    with contextlib.redirect_stdout(io.StringIO()):  # the fit stage's log, not the plan's
+        ladder = fit_ladder(dataset, final, replace(settings, loss_eval=eval_name))
     fitted = ladder.of(PAPER, eval_name)
 
     n_params = best_size(fitted.params, budget, inference_tokens)
@@ -126,30 +149,30 @@ def plan(
         raise FitError(
             f"serving {inference_tokens:g} tokens alone costs more than {budget:g} FLOPs"
         )
-    loss = PAPER.predict((n_params, tokens), fitted.params)
     converged = fitted.replicates[np.isfinite(fitted.replicates).all(axis=1)]
-    replicate_loss = np.array([PAPER.predict((n_params, tokens), p) for p in converged])
     replicate_m = np.array(
         [
             float(tokens_for(np.array(n), budget, inference_tokens)) / n
             for n in (best_size(p, budget, inference_tokens) for p in converged)
         ]
     )
+    # The recommendation predicted as the fit stage predicts a target: calibrated intervals.
+    planned = {"dataset": dataset, "size": PLANNED, "N": round(n_params), "D": round(tokens)}
+    planned["M"] = planned["D"] / planned["N"]
+    chained = replace(settings, loss_eval=eval_name, extra_targets=[planned])
+    with contextlib.redirect_stdout(io.StringIO()):
+        predictions, _ = dataset_tables(dataset, final, chained)
+    mine = predictions[predictions["size"] == PLANNED]
+    loss_row = _row(mine, LOSS, PAPER.chain_label(), eval_name)
 
-    group, error, error_ci = None, None, None
+    group, error, error_ci, error_status, error_clipped = None, None, None, None, None
     groups = ladder.measurements.evals(EXPONENTIAL.predicts)
     if groups:
         group = groups[0]
-        error_fit = ladder.of(EXPONENTIAL, group)
-        error = float(EXPONENTIAL.predict((loss,), error_fit.params))
-        ok = np.isfinite(fitted.replicates).all(axis=1) & np.isfinite(error_fit.replicates).all(
-            axis=1
-        )
-        replicate_error = [
-            float(EXPONENTIAL.predict((PAPER.predict((n_params, tokens), p),), q))
-            for p, q in zip(fitted.replicates[ok], error_fit.replicates[ok], strict=True)
-        ]
-        error_ci = interval(np.array(replicate_error))
+        error_row = _row(mine, ERROR, EXPONENTIAL.chain_label(PAPER), group)
+        error, error_ci = float(error_row["predicted"]), _interval_of(error_row)
+        error_status = ladder.of(EXPONENTIAL, group).status
+        error_clipped = None if pd.isna(error_row["clipped"]) else error_row["clipped"]
 
     fit_points = ladder.measurements.table[ladder.points[PAPER.predicts]]
     largest_fit = float(laws.compute(fit_points["N"], fit_points["D"]).max())
@@ -162,11 +185,13 @@ def plan(
         D=tokens,
         M=tokens / n_params,
         loss_params=tuple(float(value) for value in fitted.params),
-        loss=float(loss),
-        loss_ci=interval(replicate_loss),
+        loss=float(loss_row["predicted"]),
+        loss_ci=_interval_of(loss_row),
         error_group=group,
         error=error,
         error_ci=error_ci,
+        error_status=error_status,
+        error_clipped=error_clipped,
         M_ci=interval(replicate_m),
         compute_over_largest_fit=float(laws.compute(n_params, tokens)) / largest_fit,
         fit_multipliers=(float(fit_points["M"].min()), float(fit_points["M"].max())),
@@ -184,9 +209,12 @@ def describe(recommended: Plan) -> str:
         f"  predicted {p.eval} loss {p.loss:.4f} (95%: {p.loss_ci[0]:.4f} - {p.loss_ci[1]:.4f})",
     ]
     if p.error is not None:
+        notes = [f"the error law is {p.error_status}"] if p.error_status != OK else []
+        notes += [f"{p.error_clipped} clipped to [0, 1]"] if p.error_clipped else []
         lines.append(
             f"  predicted {p.error_group} error {p.error:.4f} "
             f"(95%: {p.error_ci[0]:.4f} - {p.error_ci[1]:.4f})"
+            + (f" ({'; '.join(notes)})" if notes else "")
         )
     low, high = p.fit_multipliers
     lines.append(

@@ -6,7 +6,9 @@ where it interpolates its fit points and dashed where it extrapolates. Filled ma
 points, open ones are targets (thin lines: the loss along training, where runs.parquet has
 checkpoints). Targets larger than every fit point carry the prediction with its 95% interval
 and every chain's relative errors. Below, one panel per task group: error against loss with the
-error law, each large target predicted from its predicted loss.
+forms of the loss fitted on it (the paper's exponential and the sigmoid; a degenerate fit is
+named as such and drawn as the line it is), each large target predicted from its predicted
+loss.
 
 ``python -m workflow.plots --runs RUNS --predictions PRED --fits FITS --loss-eval NAME --out PNG``
 """
@@ -14,6 +16,7 @@ error law, each large target predicted from its predicted loss.
 from __future__ import annotations
 
 import argparse
+import textwrap
 from collections.abc import Sequence
 
 import matplotlib
@@ -27,13 +30,15 @@ from matplotlib.colors import LogNorm
 from matplotlib.lines import Line2D
 from matplotlib.ticker import LogLocator, ScalarFormatter
 
-from workflow import laws
+from workflow import forms, laws
 from workflow.atomic import atomic_path
 from workflow.forms import ERROR, EXPONENTIAL, LOSS, PAPER, Form, chain_labels
+from workflow.ladder import DEGENERATE, FAILED
 from workflow.tables import read_runs_table
 
 MARKERS = "^sdpP*Xo"
 COLOURS = plt.get_cmap("plasma")
+LAW_COLOURS = ("grey", "tab:blue", "tab:green")  # each form of the loss, in registry order
 
 
 class Style:
@@ -65,15 +70,18 @@ class Style:
             )
 
 
-def _params(fits: pd.DataFrame, dataset: str, form: Form, eval_name: str) -> list[float]:
-    """The parameters of ``form`` in the paper's chain, fitted on ``eval_name``."""
+def _fit(fits: pd.DataFrame, dataset: str, form: Form, eval_name: str) -> tuple:
+    """``form``'s parameters in the paper's chain, fitted on ``eval_name``, its status and
+    the factor its law's values are multiplied by."""
     rows = fits[
         (fits["dataset"] == dataset)
         & (fits["form"] == form.chain_label(PAPER))
         & (fits["law"] == form.predicts)
+        & (fits["eval"] == eval_name)
     ]
-    values = rows[rows["eval"] == eval_name].set_index("param")["value"]
-    return [values[name] for name in form.params]
+    values = rows.set_index("param")["value"]
+    scale = forms.chance_error(form.predicts, rows["chance"].iloc[0]) if form.of_chance else 1.0
+    return np.array([values[name] for name in form.params]), rows["status"].iloc[0], scale
 
 
 def headline(predictions: pd.DataFrame) -> pd.DataFrame:
@@ -142,7 +150,7 @@ def _loss_panel(
 ) -> None:
     """Loss vs compute C = 6ND: one fitted curve per M (solid over the fit points, dashed
     beyond), the runs' measured losses and each target's prediction with its interval."""
-    E, a, b, eta = _params(fits, dataset, PAPER, loss_eval)
+    E, a, b, eta = _fit(fits, dataset, PAPER, loss_eval)[0]
     rows = predictions[(predictions["quantity"] == LOSS) & (predictions["eval"] == loss_eval)]
     paper = rows[rows["form"] == PAPER.chain_label()]
     fit_points = paper[paper["role"] == "fit"]
@@ -220,9 +228,9 @@ def _error_panel(
     loss_eval: str,
     style: Style,
 ) -> None:
-    """A task group's average error vs the loss of ``loss_eval``: the fitted error law, the
-    runs' measurements and the targets' errors predicted from their predicted loss."""
-    epsilon, k, gamma = _params(fits, dataset, EXPONENTIAL, group)
+    """A task group's average error vs the loss of ``loss_eval``: each form of the loss fitted
+    on it, the runs' measurements and the targets' errors predicted from their predicted loss
+    (by the paper's exponential)."""
     errors = predictions[(predictions["quantity"] == ERROR) & (predictions["eval"] == group)]
     losses = predictions[(predictions["quantity"] == LOSS) & (predictions["eval"] == loss_eval)]
     paper = errors[errors["form"] == EXPONENTIAL.chain_label(PAPER)].merge(
@@ -232,13 +240,25 @@ def _error_panel(
     )
     fitted = paper.loc[paper["role"] == "fit", "actual_loss"]
     span = paper["actual_loss"].max() - paper["actual_loss"].min()
-    for start, end, line in (
-        (paper["actual_loss"].min() - 0.1 * span, fitted.min(), "--"),
-        (fitted.min(), fitted.max(), "-"),
-        (fitted.max(), paper["actual_loss"].max() + 0.05 * span, "--"),
-    ):
-        loss = np.linspace(start, end, 60)
-        axis.plot(loss, laws.error(loss, epsilon, k, gamma), line, color="grey", lw=1.5)
+    formulas = []
+    for form, colour in zip(_of_loss(), LAW_COLOURS, strict=False):
+        params, status, scale = _fit(fits, dataset, form, group)
+        if status == FAILED:
+            formulas.append(f"{form.name}: could not be fitted")
+            continue
+        for start, end, line in (
+            (paper["actual_loss"].min() - 0.1 * span, fitted.min(), "--"),
+            (fitted.min(), fitted.max(), "-"),
+            (fitted.max(), paper["actual_loss"].max() + 0.05 * span, "--"),
+        ):
+            loss = np.linspace(start, end, 60)
+            curve = np.clip(scale * form.predict((loss,), params), 0.0, 1.0)
+            axis.plot(loss, curve, line, color=colour, lw=1.5)
+        formulas.append(
+            f"{form.name}: degenerate, {form.degenerate((fitted.to_numpy(),), params)}"
+            if status == DEGENERATE
+            else f"{form.name}: {form.formula(params, scale)}"
+        )
     measured = paper[paper["actual"].notna()]
     style.points(axis, measured, "actual_loss", measured["actual"])
     targets = paper.merge(headline(predictions)).assign(
@@ -253,36 +273,48 @@ def _error_panel(
     axis.set_xlabel(f"loss, {loss_eval} (nats)")
     axis.set_ylabel(f"top-1 error, mean over {group}")
     axis.set_title(f"{dataset}: error ({group}) from loss", fontsize=11)
-    _formula_box(axis, f"Err = {epsilon:.3f} - {k:.2f} exp(-{gamma:.3f} L)")
+    _formula_box(axis, "\n".join(textwrap.fill(text, 64) for text in formulas))
+
+
+def _of_loss() -> list[Form]:
+    """The forms of the error drawn against the loss."""
+    return [form for form in forms.predicting(ERROR) if form.source == LOSS]
 
 
 def _legend(figure, style: Style, columns: int) -> None:
-    handles = [
-        Line2D([], [], marker=style.marker[size], ls="", color="grey", label=f"N = {size}")
-        for size in style.sizes
-    ] + [
-        Line2D(
-            [],
-            [],
-            marker="o",
-            ls="",
-            markerfacecolor="grey",
-            markeredgecolor="black",
-            label="fit point",
-        ),
-        Line2D(
-            [],
-            [],
-            marker="o",
-            ls="",
-            markerfacecolor="white",
-            markeredgecolor="grey",
-            label="target, measured",
-        ),
-        Line2D([], [], marker="o", ls="", color="black", label="prediction, 95% interval"),
-        Line2D([], [], ls="-", color="grey", label="fitted law"),
-        Line2D([], [], ls="--", color="grey", label="extrapolated"),
-    ]
+    handles = (
+        [
+            Line2D([], [], marker=style.marker[size], ls="", color="grey", label=f"N = {size}")
+            for size in style.sizes
+        ]
+        + [
+            Line2D(
+                [],
+                [],
+                marker="o",
+                ls="",
+                markerfacecolor="grey",
+                markeredgecolor="black",
+                label="fit point",
+            ),
+            Line2D(
+                [],
+                [],
+                marker="o",
+                ls="",
+                markerfacecolor="white",
+                markeredgecolor="grey",
+                label="target, measured",
+            ),
+            Line2D([], [], marker="o", ls="", color="black", label="prediction, 95% interval"),
+            Line2D([], [], ls="-", color="grey", label="fitted law"),
+            Line2D([], [], ls="--", color="grey", label="extrapolated"),
+        ]
+        + [
+            Line2D([], [], ls="-", color=colour, label=f"error law: {form.name}")
+            for form, colour in zip(_of_loss(), LAW_COLOURS, strict=False)
+        ]
+    )
     figure.legend(
         handles=handles,
         loc="outside lower center",

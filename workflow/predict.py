@@ -6,7 +6,8 @@ error from the size directly. Each loss form's chain goes on through every form 
 which predicts from the *predicted* loss, the chain one runs for a model nobody trained. Every
 target is predicted: the trained runs (fit points and targets) and the untrained ones the
 config lists; a task's accuracy is 1 - its predicted error. A prediction's interval comes from
-the same chain through each bootstrap replicate (``workflow.bootstrap``). An error or accuracy
+the same chain through each bootstrap replicate (``workflow.bootstrap``), widened by what
+makes extrapolations miss (``workflow.calibration``). An error or accuracy
 outside [0, 1] (a form that is not bounded, at a loss far from its fit points) is clipped to
 it and the row says so (``clipped``); a law that could not be fitted predicts nothing (null).
 """
@@ -17,17 +18,18 @@ import numpy as np
 import pandas as pd
 
 from workflow import forms, laws
+from workflow.calibration import CALIBRATION_COLUMNS, calibrate_table, elasticity
 from workflow.forms import ACCURACY, FITTED_ON, LOSS
 from workflow.intervals import percentile_interval
-from workflow.ladder import DOWNSTREAM, OK, LadderFits, fit_ladder
+from workflow.ladder import DOWNSTREAM, OK, Fitted, LadderFits, fit_ladder
 from workflow.settings import FitSettings
 from workflow.tables import FITS_SCHEMA
 
 
-def dataset_tables(
+def uncalibrated_tables(
     dataset: str, final: pd.DataFrame, settings: FitSettings
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The predictions and the parameters of one dataset (its final rows of runs.parquet)."""
+    """The predictions (bootstrap intervals, unclipped) and the parameters of one dataset."""
     ladder = fit_ladder(dataset, final, settings)
     table = ladder.measurements.table
     untrained = pd.DataFrame(
@@ -42,6 +44,44 @@ def dataset_tables(
     predictions = predict_targets(ladder, targets, roles, settings.loss_eval)
     report_fits(ladder)
     return predictions, parameter_rows(ladder)
+
+
+def dataset_tables(
+    dataset: str, final: pd.DataFrame, settings: FitSettings
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The predictions, with calibrated intervals, and the parameters of one dataset (its
+    final rows of runs.parquet)."""
+    predictions, parameters = uncalibrated_tables(dataset, final, settings)
+    calibrated = calibrate_table(predictions, settings.loss_eval, settings.run_sd)
+    return finished(calibrated), parameters
+
+
+def uncalibrated_predictions(
+    dataset: str, final: pd.DataFrame, settings: FitSettings
+) -> pd.DataFrame:
+    """One dataset's predictions with the bootstrap's intervals, unclipped, and what the
+    calibration needs beside them (``workflow.calibration.calibrate_table``)."""
+    return uncalibrated_tables(dataset, final, settings)[0]
+
+
+def finished(predictions: pd.DataFrame) -> pd.DataFrame:
+    """predictions.parquet's rows: errors and accuracies within [0, 1], each row's relative
+    error and whether its interval holds its actual value."""
+    table = predictions.drop(columns=CALIBRATION_COLUMNS)
+    predicted, low, high = (
+        table[name].to_numpy(float) for name in ("predicted", "ci_low", "ci_high")
+    )
+    bounded = (table["quantity"] != LOSS).to_numpy()
+    predicted, low, high, clipped = within_bounds(bounded, predicted, low, high)
+    actual = table["actual"].to_numpy(float)
+    return table.assign(
+        predicted=predicted,
+        ci_low=low,
+        ci_high=high,
+        relative_error=relative_error(predicted, actual),
+        inside=inside_interval(actual, low, high),
+        clipped=clipped,
+    )
 
 
 def report_fits(ladder: LadderFits) -> None:
@@ -82,10 +122,10 @@ def predict_targets(
     untrained = np.full(len(targets) - len(measurements.table), np.nan)
     frames = []
 
-    def frame(label, quantity, eval_name, predicted, replicate_predictions) -> dict:
+    def frame(link, quantity, eval_name, predicted, replicate_predictions, elasticity) -> dict:
         low, high = percentile_interval(replicate_predictions)
-        predicted, low, high, clipped = within_bounds(quantity, predicted, low, high)
         actual = np.concatenate([measurements.value(quantity, eval_name), untrained])
+        label = link.label
         return {
             **{name: targets[name].to_numpy() for name in ("size", "N", "M", "D")},
             "dataset": np.full(len(targets), measurements.dataset),
@@ -96,11 +136,16 @@ def predict_targets(
             "role": np.where(roles[quantity], "fit", "target"),
             "predicted": predicted,
             "actual": actual,
-            "relative_error": relative_error(predicted, actual),
+            "relative_error": np.full(len(targets), np.nan),
             "ci_low": low,
             "ci_high": high,
-            "inside": inside_interval(actual, low, high),
-            "clipped": clipped,
+            "inside": np.full(len(targets), None),
+            "clipped": np.full(len(targets), None),
+            # what the calibration needs beside them
+            "n_params": np.full(len(targets), len(link.form.params)),
+            "family": np.full(len(targets), LOSS if quantity == LOSS else link.form.name),
+            "upstream": np.full(len(targets), link.after.chain_label() if link.after else ""),
+            "elasticity": elasticity,
         }
 
     predicted_loss = {}
@@ -126,25 +171,42 @@ def predict_targets(
                     predicted_loss[(form.name, eval_name)] = predicted, replicate_predictions
                 if metric == ACCURACY:  # fitted as its error
                     predicted, replicate_predictions = 1 - predicted, 1 - replicate_predictions
+                gain = np.zeros(len(targets))
+                if link.after is not None:
+                    gain = chain_elasticity(form, fitted, metric, source[0])
                 frames.append(
-                    frame(link.label, metric, eval_name, predicted, replicate_predictions)
+                    frame(link, metric, eval_name, predicted, replicate_predictions, gain)
                 )
     return pd.DataFrame({name: np.concatenate([f[name] for f in frames]) for name in frames[0]})
 
 
+def chain_elasticity(
+    form: forms.Form, fitted: Fitted, metric: str, loss: np.ndarray
+) -> np.ndarray:
+    """g = |d ln y / d ln L| of a downstream prediction y at its predicted loss L: how much of
+    the loss's uncertainty reaches it."""
+
+    def predict(at: np.ndarray) -> np.ndarray:
+        error = fitted.scale * form.predict((at,), fitted.params)
+        return 1 - error if metric == ACCURACY else error
+
+    return elasticity(predict, loss)
+
+
 def within_bounds(
-    quantity: str, predicted: np.ndarray, low: np.ndarray, high: np.ndarray
+    bounded: np.ndarray, predicted: np.ndarray, low: np.ndarray, high: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """An error or accuracy, and its interval's ends, clipped to [0, 1], and which rows were
-    clipped: 'prediction' where the prediction left [0, 1], 'interval' where only an end of
-    its interval did, None elsewhere (and for a loss, which has no bound)."""
+    """Errors and accuracies (``bounded`` rows), and their intervals' ends, clipped to [0, 1],
+    and which rows were clipped: 'prediction' where the prediction left [0, 1], 'interval'
+    where only an end of its interval did, None elsewhere (and for a loss, which has no
+    bound)."""
     clipped = np.full(len(predicted), None, dtype=object)
-    if quantity == LOSS:
-        return predicted, low, high, clipped
-    outside = [(values < 0) | (values > 1) for values in (predicted, low, high)]
+    outside = [bounded & ((values < 0) | (values > 1)) for values in (predicted, low, high)]
     clipped[outside[1] | outside[2]] = "interval"
     clipped[outside[0]] = "prediction"
-    predicted, low, high = (np.clip(values, 0.0, 1.0) for values in (predicted, low, high))
+    predicted, low, high = (
+        np.where(bounded, np.clip(values, 0.0, 1.0), values) for values in (predicted, low, high)
+    )
     return predicted, low, high, clipped
 
 

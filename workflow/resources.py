@@ -9,8 +9,12 @@ estimate that is too small costs one retry, not the run: the profile resubmits a
 (``retries``) with ``attempt`` times the time and memory, and training resumes from its last
 resume state.
 
+Under train.schedule wsd a run's job trains only its cooldown (``job_tokens``) and each
+(dataset, size) has a trunk job (``trunk_resources``) that trains to its furthest branch point.
+
 Pure arithmetic on the config, like workflow.runs: Snakemake calls it while planning. Run as
-a module, it prints what a whole config would cost before anything is submitted:
+a module, it prints what a whole config would cost under either schedule before anything is
+submitted:
 
     python -m workflow.resources --configfile presets/paper.yaml
 """
@@ -22,12 +26,12 @@ import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from workflow.config import ConfigError, validate_config
-from workflow.runs import Run, trained_runs
+from workflow.runs import Run, Trunk, branch_step, trained_runs, trunks
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -46,10 +50,10 @@ EVALUATION_BYTES_PER_PARAMETER = 8
 EVALUATION_SPEEDUP = 3
 MEMORY_STEP_MB = 1024
 
-ResourceFunction = Callable[[dict, Run, int], dict[str, int]]
+ResourceFunction = Callable[[dict, Any, int], dict[str, int]]
 
 
-def gpus_per_job(config: dict, run: Run) -> int:
+def gpus_per_job(config: dict, run: Run | Trunk) -> int:
     """GPUs of one job: ``cluster.gpus`` of the size (the trainer runs one process per GPU
     under torchrun, DDP or FSDP), 1 by default; none when the config trains on CPU."""
     if config["train"]["device"] == "cpu":
@@ -57,7 +61,7 @@ def gpus_per_job(config: dict, run: Run) -> int:
     return config["cluster"]["gpus"].get(run.size, 1)
 
 
-def tokens_per_second(config: dict, run: Run) -> float:
+def tokens_per_second(config: dict, run: Run | Trunk) -> float:
     """Training throughput of one device: measured for the size, or from the FLOP rate."""
     cluster = config["cluster"]
     measured = cluster["tokens_per_second"].get(run.size)
@@ -75,21 +79,49 @@ def runtime_minutes(config: dict, compute_seconds: float, attempt: int) -> int:
     return minutes * attempt
 
 
-def memory_mb(bytes_per_parameter: int, run: Run, attempt: int) -> int:
+def memory_mb(bytes_per_parameter: int, run: Run | Trunk, attempt: int) -> int:
     """Host memory to ask for, rounded up to whole GiB."""
     needed = BASE_MEMORY_MB + bytes_per_parameter * run.n_params / 2**20
     return math.ceil(needed / MEMORY_STEP_MB) * MEMORY_STEP_MB * attempt
 
 
-def train_resources(config: dict, run: Run, attempt: int = 1) -> dict[str, int]:
-    """Resources of the job that trains ``run`` on its D tokens."""
-    gpus = gpus_per_job(config, run)
-    seconds = run.tokens / (tokens_per_second(config, run) * max(gpus, 1))
+def job_tokens(run: Run, kept_trunk_steps: Sequence[int] = ()) -> int:
+    """Tokens the job that trains ``run`` trains: its D under cosine. Under wsd its cooldown's
+    share, D minus its branch point, plus the stretch of trunk it grows first when its trunk
+    keeps no state there (a run added after its trunk ran): from the furthest of
+    ``kept_trunk_steps`` before its branch point."""
+    if run.branch_step is None:
+        return run.tokens
+    cooldown = run.tokens - run.branch_step * run.tokens_per_step
+    if run.branch_step in kept_trunk_steps:
+        return cooldown
+    start = max((step for step in kept_trunk_steps if step < run.branch_step), default=0)
+    return cooldown + (run.branch_step - start) * run.tokens_per_step
+
+
+def training_resources(config: dict, job: Run | Trunk, tokens: int, attempt: int) -> dict:
+    """Resources of a job that trains ``job``'s model on ``tokens`` tokens."""
+    gpus = gpus_per_job(config, job)
+    seconds = tokens / (tokens_per_second(config, job) * max(gpus, 1))
     return {
         "runtime": runtime_minutes(config, seconds, attempt),
-        "mem_mb": memory_mb(TRAINING_BYTES_PER_PARAMETER, run, attempt),
+        "mem_mb": memory_mb(TRAINING_BYTES_PER_PARAMETER, job, attempt),
         "gpu": gpus,
     }
+
+
+def train_resources(
+    config: dict, run: Run, attempt: int = 1, kept_trunk_steps: Sequence[int] = ()
+) -> dict[str, int]:
+    """Resources of the job that trains ``run``: on its D tokens, or its cooldown's share
+    (``job_tokens``)."""
+    return training_resources(config, run, job_tokens(run, kept_trunk_steps), attempt)
+
+
+def trunk_resources(config: dict, trunk: Trunk, attempt: int = 1) -> dict[str, int]:
+    """Resources of the job that trains a trunk (train.schedule wsd): to its furthest branch
+    point (a trunk that keeps states already continues from them, and asks for too much)."""
+    return training_resources(config, trunk, trunk.tokens, attempt)
 
 
 def evaluation_gpus(config: dict, run: Run) -> int:
@@ -159,12 +191,13 @@ def launch_command(n_processes: int) -> str:
 
 
 def rule_resources(
-    derive: ResourceFunction, config: dict, run_of: Callable[[object], Run]
+    derive: ResourceFunction, config: dict, run_of: Callable[[object], Run | Trunk]
 ) -> dict[str, Callable]:
     """``derive`` as Snakemake resources: one callable of (wildcards, attempt) per resource.
 
-    ``run_of`` maps a job's wildcards to its Run. Snakemake calls each resource with the
-    job's wildcards and attempt (1, then 2 on the first retry), so nothing is fixed per job.
+    ``run_of`` maps a job's wildcards to its Run (or Trunk). Snakemake calls each resource
+    with the job's wildcards and attempt (1, then 2 on the first retry), so nothing is fixed
+    per job; it calls them again when the job's inputs are ready.
     """
 
     def resource(name: str) -> Callable:
@@ -176,45 +209,60 @@ def rule_resources(
     return {name: resource(name) for name in RESOURCE_NAMES}
 
 
-def gpu_hours(config: dict, run: Run) -> float:
-    """Estimated device-hours of training ``run``: its tokens over the throughput, no margin."""
-    return run.tokens / tokens_per_second(config, run) / 3600
+def gpu_hours(config: dict, job: Run | Trunk, tokens: int | None = None) -> float:
+    """Estimated device-hours of training ``job`` on ``tokens`` (default: the run's D), no
+    margin."""
+    return (job.tokens if tokens is None else tokens) / tokens_per_second(config, job) / 3600
+
+
+def wsd_tokens(config: dict, runs: Sequence[Run]) -> int:
+    """Tokens the runs of one trunk train under wsd: the trunk to its furthest branch point,
+    then each run's cooldown share."""
+    branches = [branch_step(config, run.size, run.tokens) for run in runs]
+    trunk = max(branches) * runs[0].tokens_per_step
+    cooldowns = zip(runs, branches, strict=True)
+    return trunk + sum(run.tokens - branch * run.tokens_per_step for run, branch in cooldowns)
 
 
 def cost_table(config: dict) -> pd.DataFrame:
-    """Per size: runs, GPUs per job, compute and estimated GPU-hours of training, and the
-    longest job's wall time as requested (hours)."""
+    """Per size: runs, GPUs per job, compute C = 6ND of the runs, and the training tokens and
+    estimated GPU-hours under each schedule (cosine: every run from scratch; wsd: a trunk per
+    (dataset, size) and a cooldown per run), and the longest job's wall time as requested
+    under the config's schedule (hours)."""
     import pandas as pd  # here, not at the top: Snakemake imports this module to plan
 
-    rows = [
-        {
-            "size": run.size,
-            "N": run.n_params,
-            "runs": 1,
-            "gpus_per_job": gpus_per_job(config, run),
-            "C": run.compute,
-            "gpu_hours": gpu_hours(config, run),
-            "max_runtime_h": train_resources(config, run)["runtime"] / 60,
-        }
-        for run in trained_runs(config)
-    ]
+    rows = []
+    for trunk in trunks(config):
+        runs = [run for run in trained_runs(config) if run.trunk_key == trunk.key]
+        jobs = [train_resources(config, run) for run in runs]
+        if config["train"]["schedule"] == "wsd":
+            jobs.append(trunk_resources(config, trunk))
+        tokens_wsd = wsd_tokens(config, runs)
+        rows.append(
+            {
+                "size": trunk.size,
+                "N": trunk.n_params,
+                "runs": len(runs),
+                "gpus_per_job": gpus_per_job(config, trunk),
+                "C": sum(run.compute for run in runs),
+                "tokens_cosine": sum(run.tokens for run in runs),
+                "tokens_wsd": tokens_wsd,
+                "gpu_hours_cosine": sum(gpu_hours(config, run) for run in runs),
+                "gpu_hours_wsd": gpu_hours(config, trunk, tokens_wsd),
+                "max_runtime_h": max(job["runtime"] for job in jobs) / 60,
+            }
+        )
+    sums = ["runs", "C", "tokens_cosine", "tokens_wsd", "gpu_hours_cosine", "gpu_hours_wsd"]
     table = (
         pd.DataFrame(rows)
         .groupby(["size", "N"], sort=False)
-        .agg(
-            {
-                "runs": "sum",
-                "gpus_per_job": "max",
-                "C": "sum",
-                "gpu_hours": "sum",
-                "max_runtime_h": "max",
-            }
-        )
+        .agg({**dict.fromkeys(sums, "sum"), "gpus_per_job": "max", "max_runtime_h": "max"})
         .reset_index()
     )
-    total = {"size": "total", **table[["runs", "C", "gpu_hours"]].sum().to_dict()}
+    total = {"size": "total", **table[sums].sum().to_dict()}
     table = pd.concat([table, pd.DataFrame([total])], ignore_index=True)
-    return table.astype({"runs": int})
+    columns = ["size", "N", "runs", "gpus_per_job", "C", *sums[2:], "max_runtime_h"]
+    return table[columns].astype({"runs": int})
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -234,10 +282,21 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "N": "{:,.0f}".format,
                 "gpus_per_job": "{:.0f}".format,
                 "C": "{:.3g}".format,
-                "gpu_hours": "{:,.1f}".format,
+                "tokens_cosine": "{:.3g}".format,
+                "tokens_wsd": "{:.3g}".format,
+                "gpu_hours_cosine": "{:,.1f}".format,
+                "gpu_hours_wsd": "{:,.1f}".format,
                 "max_runtime_h": "{:,.1f}".format,
             },
         )
+    )
+    total = table.iloc[-1]
+    train = config["train"]
+    print(
+        f"\nschedule: {train['schedule']} (max_runtime_h is its longest job). wsd (a trunk per "
+        f"dataset and size, cooldown_fraction {train['cooldown_fraction']}) trains "
+        f"{1 - total['tokens_wsd'] / total['tokens_cosine']:.0%} fewer tokens than cosine: "
+        f"{total['gpu_hours_wsd']:,.1f} GPU-hours instead of {total['gpu_hours_cosine']:,.1f}."
     )
 
 

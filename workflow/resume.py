@@ -10,7 +10,8 @@ whole, unsharded, so a state saved by one process loads into DDP or FSDP process
 
 One trainer at a time works in a run's work folder (``exclusive_work``): a second one, say
 started by a re-run of Snakemake while an orphaned trainer still runs, would resume from the
-same state and both would publish, the last replacing the other's checkpoints.
+same state and both would publish, the last replacing the other's checkpoints. A trunk's
+states folder (train.schedule wsd) has such a lock too; the runs that grow it wait for it.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from workflow.atomic import atomic_path
 from workflow.distributed import Communication, Processes, any_process
 from workflow.errors import TrainError
 from workflow.paths import checkpoint_path
-from workflow.settings import RunSpec
+from workflow.settings import Cooldown, RunSpec, TrunkSpec
 from workflow.telemetry import Progress, log
 
 # Whole (unsharded) tensors on the host, keyed by parameter name: a state saved by one
@@ -74,9 +75,11 @@ class StopSignals:
         self.received = number
 
 
-def spec_hash(spec: RunSpec) -> str:
-    """Identity of a run for resuming: a resume state of another spec is stale."""
-    return hashlib.sha256(spec.to_json().encode()).hexdigest()[:16]
+def spec_hash(spec: RunSpec | TrunkSpec, cooldown: Cooldown | None = None) -> str:
+    """Identity of a run (or trunk) for resuming: a resume state of another spec is stale. A
+    warmup-stable-decay run's identity includes its cooldown."""
+    text = spec.to_json() + (cooldown.to_json() if cooldown is not None else "")
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def gathered_state(objective: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -98,13 +101,19 @@ def restore_state(objective: nn.Module, optimizer: torch.optim.Optimizer, state:
         torch.cuda.set_rng_state(state["cuda_rng"])
 
 
+def load_state(path: Path, lazily: bool = False) -> dict:
+    """A saved training state; ``lazily`` maps its tensors instead of reading them, for a look
+    at its step and identity."""
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=lazily)
+
+
 def load_resume_state(
     path: Path, expected_hash: str, checkpoints_dir: Path, spec: RunSpec
 ) -> dict | None:
     """The saved state if it belongs to this spec and its checkpoints are all there."""
     if not path.exists():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_state(path)
     if state.get("format") != RESUME_FORMAT:
         log(f"{spec.run}: discarding a resume state written by another trainer ({path})")
         return None
@@ -152,13 +161,14 @@ def save_resume_state(
 
 
 @contextmanager
-def exclusive_work(lock: Path, run: str, comm: Communication) -> Iterator[None]:
+def exclusive_work(lock: Path, run: str, comm: Communication, wait: bool = False) -> Iterator[None]:
     """Hold the run's work folder alone for the block, or stop every process with a
-    ``TrainError`` naming the trainer that holds it. Rank 0 takes the lock for all."""
+    ``TrainError`` naming the trainer that holds it. Rank 0 takes the lock for all; with
+    ``wait`` it waits for the holder instead (the other processes wait for rank 0)."""
     descriptor, refusal = None, None
     if comm.processes.is_main:
         try:
-            descriptor = take_lock(lock, run)
+            descriptor = take_lock(lock, run, wait)
         except TrainError as error:
             refusal = error
     if any_process(refusal is not None, comm):
@@ -170,12 +180,13 @@ def exclusive_work(lock: Path, run: str, comm: Communication) -> Iterator[None]:
             os.close(descriptor)  # releases the lock
 
 
-def take_lock(lock: Path, run: str) -> int:
+def take_lock(lock: Path, run: str, wait: bool = False) -> int:
     """An exclusive ``flock`` on ``lock``, which records this process; its open descriptor.
 
     The kernel releases the lock when the process ends, however it ends: a killed trainer's
     lock passes to the next without anyone removing it. The finished trainer removes the lock
     with its work folder, so a lock won on a file that is no longer there is tried again.
+    Held by another process, the lock is refused, or with ``wait`` waited for.
     """
     lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
@@ -184,8 +195,11 @@ def take_lock(lock: Path, run: str) -> int:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(descriptor, 4096).decode(errors="replace")
-            os.close(descriptor)
-            raise TrainError(refusal(run, lock, holder)) from None
+            if not wait:
+                os.close(descriptor)
+                raise TrainError(refusal(run, lock, holder)) from None
+            log(f"{run}: waiting for {lock}, held by {holder.strip() or 'another trainer'}")
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
         try:
             current = os.stat(lock)
         except FileNotFoundError:

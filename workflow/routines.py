@@ -63,35 +63,68 @@ class LeastSquares:
     sum of squares wins. A point whose value or input is not finite is left out of that fit.
 
     ``starts(settings, inputs, values)`` gives one problem's starts (starts x parameters), from
-    the settings or read off its points. The refits run MINPACK once per replicate, as the
-    paper's code does, unless ``batched_refits``: a form fitted on every task refits thousands
-    of times, so its replicates of every problem run as one batched Levenberg-Marquardt.
+    the settings or read off its points. Fits and refits run MINPACK once each, as the paper's
+    code does, unless batched: a form fitted on every task refits thousands of times, so its
+    replicates (``batched_refits``), and its fits too (``batched_fits``), run as one batched
+    Levenberg-Marquardt over every problem.
     """
 
     jacobian: Callable
     starts: Callable[[FitSettings, tuple, np.ndarray], np.ndarray]
+    batched_fits: bool = False
     batched_refits: bool = False
 
     def fit(
         self, law: Callable, inputs: tuple, values: np.ndarray, settings: FitSettings
     ) -> Solution:
         used = np.isfinite(values) & np.all([np.isfinite(x) for x in inputs], axis=0)
-        params, converged, count = None, np.zeros(len(values), dtype=bool), 0
-        for problem, (row, points) in enumerate(zip(values, used, strict=True)):
-            chosen = tuple(x[points] for x in inputs)
-            starts = self.starts(settings, chosen, row[points])
-            if params is None:
-                params = np.full((len(values), starts.shape[1]), np.nan)
-            best = solvers.best_of_starts(law, self.jacobian, chosen, row[points], starts)
-            if best is not None:
-                params[problem], converged[problem] = best, True
-            count = len(starts)
+        starts = [
+            self.starts(settings, tuple(x[points] for x in inputs), row[points])
+            for row, points in zip(values, used, strict=True)
+        ]
+        if self.batched_fits:
+            params = self._batched_fit(law, inputs, np.where(used, values, np.nan), starts)
+        else:
+            params = np.stack(
+                [
+                    _or_nan(
+                        solvers.best_of_starts(
+                            law, self.jacobian, tuple(x[points] for x in inputs), row[points], own
+                        ),
+                        own.shape[1],
+                    )
+                    for row, points, own in zip(values, used, starts, strict=True)
+                ]
+            )
+        count = len(starts[0])
         failure = (
-            f"Levenberg-Marquardt did not converge from its start {tuple(starts[0].tolist())}"
+            f"Levenberg-Marquardt did not converge from its start {tuple(starts[0][0].tolist())}"
             if count == 1
             else f"Levenberg-Marquardt converged from none of the {count} starts"
         )
-        return Solution(params, converged, params, used, failure)
+        return Solution(params, np.isfinite(params).all(axis=1), params, used, failure)
+
+    def _batched_fit(
+        self, law: Callable, inputs: tuple, values: np.ndarray, starts: list[np.ndarray]
+    ) -> np.ndarray:
+        """Every problem from each of its starts at once; its lowest converged sum of squares
+        wins (NaN where none converged)."""
+        starts = np.stack(starts)
+        n_problems, n_starts, n_params = starts.shape
+        rows = tuple(np.repeat(np.broadcast_to(x, values.shape), n_starts, axis=0) for x in inputs)
+        params, cost, converged = solvers.batched_levenberg_marquardt(
+            law,
+            self.jacobian,
+            rows,
+            np.repeat(values, n_starts, axis=0),
+            starts.reshape(-1, n_params),
+        )
+        cost = np.where(converged, cost, np.inf).reshape(n_problems, n_starts)
+        best = params.reshape(n_problems, n_starts, n_params)[
+            np.arange(n_problems), cost.argmin(axis=1)
+        ]
+        best[~np.isfinite(cost.min(axis=1))] = np.nan
+        return best
 
     def refit(
         self, law: Callable, inputs: tuple, samples: np.ndarray, solution: Solution
@@ -112,6 +145,10 @@ class LeastSquares:
                 )
             ]
         )
+
+
+def _or_nan(params: np.ndarray | None, n_params: int) -> np.ndarray:
+    return np.full(n_params, np.nan) if params is None else params
 
 
 def batched_refit(

@@ -47,6 +47,8 @@ class Run:
     tokens_per_step: int
     checkpoint_steps: tuple[int, ...]
     trained: bool = True
+    # Under train.schedule wsd: the last step the run shares with its size's trunk.
+    branch_step: int | None = None
 
     @property
     def steps(self) -> int:
@@ -63,12 +65,46 @@ class Run:
         return f"{self.dataset}/{self.size}/M{format_multiplier(self.multiplier)}"
 
     @property
+    def trunk_key(self) -> str:
+        """The key of the size's trunk (train.schedule: wsd): ``{dataset}/{size}``."""
+        return f"{self.dataset}/{self.size}"
+
+    @property
     def wildcards(self) -> dict[str, str]:
         return {
             "dataset": self.dataset,
             "size": self.size,
             "multiplier": format_multiplier(self.multiplier),
         }
+
+
+@dataclass(frozen=True)
+class Trunk:
+    """Under train.schedule wsd, the constant-learning-rate stretch every run of one
+    (dataset, size) shares: it keeps its full state at each run's ``branch_steps``."""
+
+    dataset: str
+    size: str
+    n_params: int
+    tokens_per_step: int
+    branch_steps: tuple[int, ...]
+
+    @property
+    def key(self) -> str:
+        return f"{self.dataset}/{self.size}"
+
+    @property
+    def steps(self) -> int:
+        """Its furthest branch point: as far as it trains."""
+        return self.branch_steps[-1]
+
+    @property
+    def tokens(self) -> int:
+        return self.steps * self.tokens_per_step
+
+    @property
+    def wildcards(self) -> dict[str, str]:
+        return {"dataset": self.dataset, "size": self.size}
 
 
 def model_shape(config: dict, size: str) -> dict:
@@ -101,13 +137,35 @@ def checkpoint_steps(total_steps: int, n_checkpoints: int) -> tuple[int, ...]:
     return tuple(sorted({math.ceil(total_steps * k / count) for k in range(1, count + 1)}))
 
 
+def branch_step(config: dict, size: str, tokens: int) -> int:
+    """Where a warmup-stable-decay run of ``tokens`` leaves its trunk: after (1 - f) x D
+    tokens (f = train.cooldown_fraction), rounded to a step; never inside the warmup, and at
+    least one step before the run's end. Planned whatever the schedule (the cost table
+    compares both)."""
+    spec = config["sizes"][size]
+    tokens_per_step = spec["batch_size"] * spec["context_length"]
+    steps = math.ceil(tokens / tokens_per_step)
+    shared = round((1 - config["train"]["cooldown_fraction"]) * tokens / tokens_per_step)
+    return min(max(shared, spec["warmup"]), steps - 1)
+
+
 def make_run(config: dict, dataset: str, size: str, multiplier: float, trained: bool) -> Run:
-    """The Run of (dataset, size, M): its D = M x N tokens, steps and checkpoint steps."""
+    """The Run of (dataset, size, M): its D = M x N tokens, steps and checkpoint steps.
+
+    Under train.schedule wsd the run keeps only the checkpoint steps after its branch point:
+    the trunk does not save models, and a step it has passed cannot be saved for a multiplier
+    added later.
+    """
     n_params = size_parameters(config, size)
     spec = config["sizes"][size]
     tokens_per_step = spec["batch_size"] * spec["context_length"]
     tokens = round(multiplier * n_params)
     total_steps = math.ceil(tokens / tokens_per_step)
+    saved = checkpoint_steps(total_steps, config["train"]["checkpoints"])
+    branch = None
+    if config["train"]["schedule"] == "wsd":
+        branch = branch_step(config, size, tokens)
+        saved = tuple(step for step in saved if step > branch)
     return Run(
         dataset=dataset,
         size=size,
@@ -115,8 +173,9 @@ def make_run(config: dict, dataset: str, size: str, multiplier: float, trained: 
         n_params=n_params,
         tokens=tokens,
         tokens_per_step=tokens_per_step,
-        checkpoint_steps=checkpoint_steps(total_steps, config["train"]["checkpoints"]),
+        checkpoint_steps=saved,
         trained=trained,
+        branch_step=branch,
     )
 
 
@@ -136,6 +195,36 @@ def find_run(config: dict, dataset: str, size: str, multiplier: str | float) -> 
         if (run.dataset, run.size) == (dataset, size) and run.multiplier == float(multiplier):
             return run
     raise KeyError(f"no run {dataset}/{size}/M{multiplier} in config 'grid'")
+
+
+def trunks(config: dict) -> list[Trunk]:
+    """The trunk of every (dataset, size) of the grid under train.schedule wsd, with the
+    branch points of its runs."""
+    branches: dict[tuple[str, str], set[int]] = {}
+    runs = {}
+    for run in trained_runs(config):
+        runs[run.dataset, run.size] = run
+        branches.setdefault((run.dataset, run.size), set()).add(
+            branch_step(config, run.size, run.tokens)
+        )
+    return [
+        Trunk(
+            dataset=dataset,
+            size=size,
+            n_params=runs[dataset, size].n_params,
+            tokens_per_step=runs[dataset, size].tokens_per_step,
+            branch_steps=tuple(sorted(steps)),
+        )
+        for (dataset, size), steps in branches.items()
+    ]
+
+
+def find_trunk(config: dict, dataset: str, size: str) -> Trunk:
+    """The trunk named by Snakemake wildcards."""
+    for trunk in trunks(config):
+        if (trunk.dataset, trunk.size) == (dataset, size):
+            return trunk
+    raise KeyError(f"no trunk {dataset}/{size}: the size is not trained on it in config 'grid'")
 
 
 def untrained_targets(config: dict) -> list[Run]:

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Self
 
-from workflow.runs import Run, model_shape, untrained_targets
+from workflow.runs import Run, Trunk, model_shape, untrained_targets
 
 
 class SettingsError(ValueError):
@@ -60,6 +60,7 @@ class FitSettings(JsonSettings):
     bootstrap: int
     seed: int
     extra_targets: list[dict[str, Any]]
+    run_sd: float
 
 
 def measured_elsewhere(config: dict) -> bool:
@@ -105,6 +106,7 @@ def fit_settings(config: dict) -> FitSettings:
         bootstrap=fit["bootstrap"],
         seed=fit["seed"],
         extra_targets=extra_targets,
+        run_sd=fit["run_sd"],
     )
 
 
@@ -162,20 +164,89 @@ class RunSpec(JsonSettings):
         return math.ceil(self.tokens / self.tokens_per_step)
 
 
+# The settings of a size and of ``train`` that a run and its trunk (train.schedule: wsd) share.
+RECIPE_SIZE_KEYS = ("batch_size", "micro_batch_size", "lr", "warmup", "weight_decay")
+RECIPE_TRAIN_KEYS = ("z_loss", "beta1", "beta2", "grad_clip", "seed", "device")
+
+
+def recipe(config: dict, size: str) -> dict[str, Any]:
+    """What a size trains with, apart from how long and how it ends: shape and optimizer."""
+    return {
+        "shape": model_shape(config, size),
+        **{key: config["sizes"][size][key] for key in RECIPE_SIZE_KEYS},
+        **{key: config["train"][key] for key in RECIPE_TRAIN_KEYS},
+    }
+
+
 def run_spec(config: dict, run: Run) -> RunSpec:
-    size = config["sizes"][run.size]
-    train = config["train"]
     return RunSpec(
         run=run.key,
-        shape=model_shape(config, run.size),
         n_params=run.n_params,
         tokens=run.tokens,
         checkpoint_steps=list(run.checkpoint_steps),
-        **{
-            key: size[key]
-            for key in ("batch_size", "micro_batch_size", "lr", "warmup", "weight_decay", "min_lr")
-        },
-        **{key: train[key] for key in ("z_loss", "beta1", "beta2", "grad_clip", "seed", "device")},
+        min_lr=config["sizes"][run.size]["min_lr"],
+        **recipe(config, run.size),
+    )
+
+
+@dataclass(frozen=True)
+class TrunkSpec(JsonSettings):
+    """What determines a trunk's states (train.schedule: wsd): a run's spec without its
+    length, checkpoints and floor. Its branch points are not part of it: a trunk extended for a
+    new multiplier is the same trunk, continued, so adding a run never restarts it."""
+
+    trunk: str
+    shape: dict[str, Any]
+    n_params: int
+    batch_size: int
+    micro_batch_size: int | None
+    lr: float
+    warmup: int
+    weight_decay: float
+    z_loss: float
+    beta1: float
+    beta2: float
+    grad_clip: float
+    seed: int
+    device: str
+
+    @property
+    def run(self) -> str:
+        """The trunk's name in messages, where a run's spec has its key."""
+        return f"{self.trunk}/trunk"
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.shape["context_length"]
+
+    @classmethod
+    def of_run(cls, spec: RunSpec, trunk: str) -> TrunkSpec:
+        """The trunk a run of ``spec`` branches from: its spec's settings, named ``trunk``."""
+        shared = {field.name for field in dataclasses.fields(cls)} - {"trunk"}
+        return cls(trunk=trunk, **{name: getattr(spec, name) for name in shared})
+
+
+def trunk_spec(config: dict, trunk: Trunk) -> TrunkSpec:
+    return TrunkSpec(trunk=trunk.key, n_params=trunk.n_params, **recipe(config, trunk.size))
+
+
+@dataclass(frozen=True)
+class Cooldown(JsonSettings):
+    """How a warmup-stable-decay run leaves its size's trunk: from the trunk's state after
+    ``branch_step`` steps it decays (``decay``: linear, cosine or 1-sqrt) to its ``min_lr`` at
+    its last step. Part of the run's identity beside its ``RunSpec``."""
+
+    trunk: str
+    branch_step: int
+    decay: str
+
+
+def cooldown(config: dict, run: Run) -> Cooldown | None:
+    """The run's cooldown under train.schedule wsd; None under cosine (it trains alone)."""
+    if run.branch_step is None:
+        return None
+    return Cooldown(
+        trunk=run.trunk_key, branch_step=run.branch_step, decay=config["train"]["decay"]
     )
 
 
@@ -194,7 +265,7 @@ class EngineSettings(JsonSettings):
     log_every: int
 
 
-def engine_settings(config: dict, run: Run) -> EngineSettings:
+def engine_settings(config: dict, run: Run | Trunk) -> EngineSettings:
     size = config["sizes"][run.size]
     train = config["train"]
     return EngineSettings(

@@ -126,10 +126,11 @@ def batched_levenberg_marquardt(
     ``inputs`` are arrays of shape (rows, points). Each step solves (J'J + lambda diag J'J)
     step = J'r (Marquardt's scaling, so the parameters' units do not matter); an accepted
     step divides lambda by 3, a rejected one multiplies it by 4. A row has converged when an
-    accepted step lowers its sum of squares by at most BATCH_TOLERANCE of it, moves its
-    parameters by at most BATCH_TOLERANCE of their size, or no step lowers it any more
-    (lambda at its ceiling). Returns the parameters, the sums of squares and which rows
-    converged.
+    accepted step lowers its sum of squares by at most BATCH_TOLERANCE of it or below
+    EXACT_FIT (a curve through the points, or as near as its bounds allow: a task at chance
+    at every point), moves its parameters by at most BATCH_TOLERANCE of their size, or no step
+    lowers it any more (lambda at its ceiling). Returns the parameters, the sums of squares
+    and which rows converged.
     """
     theta = np.array(starts, dtype=float)
     measured = np.isfinite(values) & np.all([np.isfinite(x) for x in inputs], axis=0)
@@ -172,7 +173,11 @@ def batched_levenberg_marquardt(
         small_step = np.linalg.norm(step[better], axis=1) <= BATCH_TOLERANCE * (
             np.linalg.norm(theta[moved], axis=1) + BATCH_TOLERANCE
         )
-        converged[moved] = (decrease <= BATCH_TOLERANCE * cost[moved]) | small_step
+        converged[moved] = (
+            (decrease <= BATCH_TOLERANCE * cost[moved])
+            | small_step
+            | (trial_cost[better] <= EXACT_FIT)
+        )
         theta[moved], cost[moved], residual[moved] = (
             trial[better],
             trial_cost[better],

@@ -2,15 +2,18 @@
 
 The paper's recipe (open_lm): AdamW (beta2 0.95, eps 1e-8, weight decay on every parameter,
 norm gains and embeddings included), linear warmup then cosine decay to ``min_lr`` at the last
-step, gradient clipping at ``grad_clip``, and a z-loss ``z_loss * logsumexp(logits)^2`` in the
-objective (``workflow.model.OutputLoss``; the logged loss is the plain cross-entropy). bf16
-autocast on CUDA, fp32 on CPU. The train stage's loop and the throughput benchmark both step
-through here, so the benchmark times exactly the pipeline's step.
+step (under train.schedule wsd: the peak until the run's branch point, then its cooldown's
+decay to ``min_lr``; ``schedule``), gradient clipping at ``grad_clip``, and a z-loss
+``z_loss * logsumexp(logits)^2`` in the objective (``workflow.model.OutputLoss``; the logged
+loss is the plain cross-entropy). bf16 autocast on CUDA, fp32 on CPU. The train stage's loop
+and the throughput benchmark both step through here, so the benchmark times exactly the
+pipeline's step.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +22,7 @@ from torch import nn
 from workflow.distributed import Processes, gradient_sync, wrap
 from workflow.errors import TrainError
 from workflow.model import ScalingLM, TrainingObjective, build_model
-from workflow.settings import EngineSettings, RunSpec
+from workflow.settings import Cooldown, EngineSettings, RunSpec, TrunkSpec
 
 
 @dataclass
@@ -59,6 +62,54 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int, minimum: floa
         return peak * step / warmup
     progress = (step - warmup) / max(1, steps - warmup)
     return minimum + 0.5 * (peak - minimum) * (1 + math.cos(math.pi * progress))
+
+
+# A warmup-stable-decay cooldown's shape: the share of (peak - floor) left after progress p.
+DECAYS: dict[str, Callable[[float], float]] = {
+    "linear": lambda progress: 1 - progress,
+    "cosine": lambda progress: 0.5 * (1 + math.cos(math.pi * progress)),
+    "1-sqrt": lambda progress: 1 - math.sqrt(progress),
+}
+
+
+def trunk_learning_rate(step: int, peak: float, warmup: int) -> float:
+    """Learning rate of a trunk's step (train.schedule wsd): the same linear warmup as
+    ``learning_rate``, then ``peak`` for as long as the trunk trains."""
+    if step <= warmup:
+        return peak * step / warmup
+    return peak
+
+
+def wsd_learning_rate(
+    step: int,
+    steps: int,
+    peak: float,
+    warmup: int,
+    minimum: float,
+    branch_step: int,
+    decay: str,
+) -> float:
+    """Learning rate of a warmup-stable-decay run's step (1-based): its trunk's up to
+    ``branch_step``, then a ``decay``-shaped fall to ``minimum`` exactly at the last step."""
+    if step <= branch_step:
+        return trunk_learning_rate(step, peak, warmup)
+    progress = (step - branch_step) / (steps - branch_step)
+    return minimum + (peak - minimum) * DECAYS[decay](progress)
+
+
+def schedule(spec: RunSpec, cooldown: Cooldown | None) -> Callable[[int], float]:
+    """The run's learning rate as a function of its step: cosine, or its cooldown's."""
+    if cooldown is None:
+        return lambda step: learning_rate(step, spec.steps, spec.lr, spec.warmup, spec.min_lr)
+    return lambda step: wsd_learning_rate(
+        step,
+        spec.steps,
+        spec.lr,
+        spec.warmup,
+        spec.min_lr,
+        cooldown.branch_step,
+        cooldown.decay,
+    )
 
 
 def train_step(
@@ -101,7 +152,9 @@ def train_step(
     return cross_entropy_sum
 
 
-def make_optimizer(model: nn.Module, spec: RunSpec, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(
+    model: nn.Module, spec: RunSpec | TrunkSpec, device: torch.device
+) -> torch.optim.AdamW:
     """PyTorch AdamW (decay scaled by the current lr) over all parameters, as open_lm.
 
     Fused (one kernel for every parameter) on CUDA; on CPU the default foreach version.
@@ -128,7 +181,7 @@ class Trainer:
 
 
 def build_trainer(
-    spec: RunSpec, engine: EngineSettings, device: torch.device, processes: Processes
+    spec: RunSpec | TrunkSpec, engine: EngineSettings, device: torch.device, processes: Processes
 ) -> Trainer:
     """The model (initialised from the global RNG), wrapped for ``processes``, and its optimizer."""
     model = build_model(spec.shape)

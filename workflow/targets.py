@@ -6,10 +6,12 @@ figure. A coverage table counts, over every evaluation, the targets whose actual
 inside the 95% interval. Rows are the targets of
 predictions.parquet that have an actual value, for the loss of the validation set the laws are
 plotted on and for every task group's error, both forms side by side; the worst relative error
-per (dataset, quantity, form) is summarised above the table. Written as one self-contained
-HTML file, which Snakemake's report embeds as it is.
+per (dataset, quantity, form) is summarised above the table. The tasks' accuracies, one row
+per task and chain in predictions.parquet, are summarised instead, split by the predictability
+flag of fits.parquet, with each task's flag per dataset. Written as one self-contained HTML
+file, which Snakemake's report embeds as it is.
 
-``python -m workflow.targets --predictions PRED --loss-eval NAME --out HTML``
+``python -m workflow.targets --predictions PRED --fits FITS --loss-eval NAME --out HTML``
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Sequence
 import pandas as pd
 
 from workflow.atomic import atomic_path
+from workflow.forms import ACCURACY
 
 STYLE = """
 body { font-family: sans-serif; font-size: 13px; margin: 1em; }
@@ -64,12 +67,48 @@ def coverage(predictions: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index()
 
 
+def task_summary(predictions: pd.DataFrame, fits: pd.DataFrame) -> pd.DataFrame:
+    """Per (dataset, form, predictable): the tasks, and over their measured targets the median
+    |predicted - actual| in accuracy points and the intervals' coverage."""
+    measured = predictions[
+        (predictions["quantity"] == ACCURACY)
+        & (predictions["role"] == "target")
+        & predictions["actual"].notna()
+    ]
+    measured = measured.merge(task_flags(fits)[["dataset", "eval", "predictable"]])
+    measured = measured.assign(
+        points=100 * (measured["predicted"] - measured["actual"]).abs(),
+        inside=measured["inside"].astype(float),
+    )
+    grouped = measured.groupby(["dataset", "form", "predictable"])
+    return grouped.agg(
+        tasks=("eval", "nunique"),
+        targets=("points", "size"),
+        median_points=("points", "median"),
+        coverage=("inside", "mean"),
+    ).reset_index()
+
+
+def task_flags(fits: pd.DataFrame) -> pd.DataFrame:
+    """Each task's chance and predictability flag, per dataset ('unknown' where its noise is)."""
+    tasks = fits[fits["law"] == ACCURACY].drop_duplicates(["dataset", "eval"])
+    flag = tasks["predictable"].map({True: "yes", False: "no"}).fillna("unknown")
+    return tasks[["dataset", "eval", "chance"]].assign(predictable=flag.to_numpy())
+
+
 def _percent(value: float) -> str:
     return f"{100 * value:.2f}%"
 
 
-def render(rows: pd.DataFrame, loss_eval: str, covered: pd.DataFrame) -> str:
-    """The page: the coverage and summary tables, then one row per target."""
+def render(
+    rows: pd.DataFrame,
+    loss_eval: str,
+    covered: pd.DataFrame,
+    fits: pd.DataFrame | None = None,
+    predictions: pd.DataFrame | None = None,
+) -> str:
+    """The page: the coverage and summary tables, then one row per target; with ``fits`` and
+    ``predictions``, the tasks' accuracies by predictability and each task's flag."""
     detail = pd.DataFrame(
         {
             "dataset": rows["dataset"],
@@ -110,22 +149,54 @@ def render(rows: pd.DataFrame, loss_eval: str, covered: pd.DataFrame) -> str:
         "top-1 error (predicted from the predicted loss); relative error is "
         "|predicted - actual| / actual.</p>"
         + totals.to_html(index=False, border=0)
+        + _tasks(fits, predictions)
         + "<h3>Every target run</h3>"
         + detail.to_html(index=False, border=0)
         + "</body></html>\n"
     )
 
 
+def _tasks(fits: pd.DataFrame | None, predictions: pd.DataFrame | None) -> str:
+    """The tasks' section of the page (empty without task fits)."""
+    if fits is None or predictions is None or not (fits["law"] == ACCURACY).any():
+        return ""
+    summary = task_summary(predictions, fits).assign(
+        median_points=lambda frame: frame["median_points"].map("{:.2f}".format),
+        coverage=lambda frame: frame["coverage"].map(_percent),
+    )
+    flags = task_flags(fits).pivot(
+        index=["eval", "chance"], columns="dataset", values="predictable"
+    )
+    flags.columns.name = None
+    return (
+        "<h3>Tasks: accuracy by predictability</h3>"
+        "<p>A task is predictable when its accuracy at the fit point with the most compute is "
+        "above chance by more than 3 sds of its binomial noise (see the README). Median "
+        "|predicted - actual| over the measured targets, in accuracy points, and the share of "
+        "them inside their 95% interval.</p>"
+        + summary.rename(columns={"median_points": "median |error| (points)"}).to_html(
+            index=False, border=0
+        )
+        + "<h3>Each task's predictability</h3>"
+        + flags.reset_index().to_html(index=False, border=0, na_rep="")
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--predictions", required=True, help="predictions.parquet")
+    parser.add_argument("--fits", required=True, help="fits.parquet (the tasks' flags)")
     parser.add_argument("--loss-eval", required=True, help="validation set of the loss rows")
     parser.add_argument("--out", required=True, help="HTML to write")
     args = parser.parse_args(argv)
     predictions = pd.read_parquet(args.predictions)
     rows = target_rows(predictions, args.loss_eval)
     with atomic_path(args.out) as temporary:
-        temporary.write_text(render(rows, args.loss_eval, coverage(predictions)))
+        temporary.write_text(
+            render(
+                rows, args.loss_eval, coverage(predictions), pd.read_parquet(args.fits), predictions
+            )
+        )
     print(f"wrote {args.out}: {len(rows)} target rows")
 
 

@@ -14,7 +14,7 @@ import torch
 
 from workflow.device import flops_per_token
 from workflow.distributed import Processes, summed
-from workflow.settings import RunSpec
+from workflow.settings import Cooldown, RunSpec, TrunkSpec
 
 
 def log(message: str) -> None:
@@ -64,11 +64,14 @@ class Progress:
         }
 
 
-def curve_row(progress: Progress, spec: RunSpec, lr: float, peak: float | None) -> dict:
-    """The training curve's row for the current step; resets the loss and throughput sums."""
-    tokens_seen = min(progress.step * spec.tokens_per_step, spec.tokens)
+def curve_row(
+    progress: Progress, spec: RunSpec | TrunkSpec, tokens: int, lr: float, peak: float | None
+) -> dict:
+    """The training curve's row for the current step of a run (or trunk) of ``tokens``;
+    resets the loss and throughput sums."""
+    tokens_seen = min(progress.step * spec.tokens_per_step, tokens)
     loss = summed(progress.loss_sum, progress.processes).item() / progress.loss_tokens(
-        spec.tokens_per_step, spec.tokens
+        spec.tokens_per_step, tokens
     )
     now = time.perf_counter()
     tokens_per_second = progress.timed_tokens / (now - progress.timed_since)
@@ -88,11 +91,22 @@ def curve_row(progress: Progress, spec: RunSpec, lr: float, peak: float | None) 
 
 
 def run_summary(
-    spec: RunSpec, progress: Progress, identity: str, device: torch.device, threads: int
+    spec: RunSpec,
+    progress: Progress,
+    identity: str,
+    device: torch.device,
+    threads: int,
+    cooldown: Cooldown | None = None,
 ) -> dict:
-    """The finished run's summary (train.json), with whether its curve shows divergence."""
+    """The finished run's summary (train.json), with whether its curve shows divergence. A
+    warmup-stable-decay run's also names its branch point and decay; its wall time and
+    throughput count its trunk part, as its curve does."""
     wall_seconds = progress.elapsed()
     diverged = divergence(progress.curve, spec.tokens)
+    branched = {}
+    if cooldown is not None:
+        branched = {"trunk": cooldown.trunk, "branch_step": cooldown.branch_step}
+        branched["decay"] = cooldown.decay
     return {
         "run": spec.run,
         "n_params": spec.n_params,
@@ -108,6 +122,7 @@ def run_summary(
         "device": str(device.type),
         "threads": threads if device.type == "cpu" else None,
         "spec_hash": identity,
+        **branched,
     }
 
 

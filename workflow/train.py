@@ -14,15 +14,19 @@ that keeps a second trainer of the run out; the checkpoints, the curve and the s
 appear only when the run has finished. A loss that turns non-finite stops the run; one that
 ends well above its lowest marks the run as diverged (``workflow.telemetry.divergence``) in
 its log and its summary.
+
+Under train.schedule wsd a run is a cooldown: it starts from its size's trunk
+(``workflow.trunk``) at its branch point, with the trunk's state there (weights, optimizer,
+curve so far), and decays to its own end; it computes exactly what the same run trained alone
+on that schedule would. The step loop itself is ``workflow.loop``'s, shared with the trunk.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import json
 import os
 import shutil
-import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,18 +39,17 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
 from workflow.atomic import atomic_path, write_json
-from workflow.device import peak_tflops, resolve_device, to_device
+from workflow.device import peak_tflops, resolve_device
 from workflow.distributed import (
-    PARALLELISMS,
     Communication,
     Processes,
-    any_process,
     barrier,
     communication,
     processes_from_environment,
 )
 from workflow.errors import TrainError
 from workflow.integrity import DamagedOutputError, remove_stale_temporaries
+from workflow.loop import Loop, advance, check_data
 from workflow.paths import checkpoint_path
 from workflow.resume import (
     FULL_STATE,
@@ -56,13 +59,13 @@ from workflow.resume import (
     load_resume_state,
     missing_checkpoints,
     restore_state,
-    save_resume_state,
     spec_hash,
 )
-from workflow.settings import EngineSettings, RunSpec, SettingsError
-from workflow.shards import TokenShards, read_batch
-from workflow.step import Batch, Trainer, build_trainer, learning_rate, train_step
-from workflow.telemetry import Progress, curve_row, format_duration, format_row, log, run_summary
+from workflow.settings import Cooldown, EngineSettings, RunSpec, SettingsError
+from workflow.shards import TokenShards
+from workflow.step import Trainer, build_trainer, schedule
+from workflow.telemetry import Progress, format_duration, log, run_summary
+from workflow.trunk import TrunkStates, branch
 
 
 @dataclass(frozen=True)
@@ -92,33 +95,13 @@ def check_run(
     spec: RunSpec, engine: EngineSettings, shards: TokenShards, processes: Processes
 ) -> None:
     """Refuse, before building anything, a run whose numbers do not add up."""
-    run = spec.run
     if spec.steps != spec.checkpoint_steps[-1]:
         raise TrainError(
-            f"{run}: {spec.tokens:,} tokens at {spec.batch_size} x "
+            f"{spec.run}: {spec.tokens:,} tokens at {spec.batch_size} x "
             f"{spec.shape['context_length']} tokens per step take {spec.steps} steps, but the "
             f"last checkpoint step is {spec.checkpoint_steps[-1]}"
         )
-    needed = spec.tokens + 1
-    if shards.n_tokens < needed:
-        raise TrainError(
-            f"{run}: needs {needed:,} tokens of {shards.directory} (D = {spec.tokens:,} "
-            f"targets plus the first input) but it holds {shards.n_tokens:,}; short by "
-            f"{needed - shards.n_tokens:,}. Train on more data or lower the multiplier."
-        )
-    if shards.vocab_size > spec.shape["vocab_size"]:
-        raise TrainError(
-            f"{run}: the token ids of {shards.directory} come from a vocabulary of "
-            f"{shards.vocab_size}, larger than the model's vocab_size "
-            f"{spec.shape['vocab_size']}"
-        )
-    if spec.batch_size % processes.world_size:
-        raise TrainError(
-            f"{run}: a batch of {spec.batch_size} sequences does not split evenly over "
-            f"{processes.world_size} processes; use a batch size divisible by the GPU count"
-        )
-    if engine.parallelism not in PARALLELISMS:
-        raise TrainError(f"{run}: parallelism must be one of {PARALLELISMS}")
+    check_data(spec, spec.tokens, shards, engine, processes)
 
 
 def save_checkpoint(
@@ -143,17 +126,30 @@ def train(
     tokenizer_dir: str | Path,
     outputs: Outputs,
     threads: int,
+    cooldown: Cooldown | None = None,
+    trunk: TrunkStates | None = None,
 ) -> dict:
     """Run (or resume) the training ``spec`` describes; return the summary it writes.
 
-    ``threads`` is each process's CPU threads on CPU. Under torchrun every process calls
-    this; they join each other here.
+    ``threads`` is each process's CPU threads on CPU. A warmup-stable-decay run has a
+    ``cooldown`` and starts from its ``trunk``'s state at its branch point (without a trunk it
+    trains that part itself). Under torchrun every process calls this; they join each other
+    here.
     """
     processes = processes_from_environment()
     device = resolve_device(spec.device, processes.local_rank)
     with communication(processes, device) as comm:
         return run_training(
-            spec, engine, Path(data_dir), Path(tokenizer_dir), outputs, threads, device, comm
+            spec,
+            engine,
+            Path(data_dir),
+            Path(tokenizer_dir),
+            outputs,
+            threads,
+            device,
+            comm,
+            cooldown,
+            trunk,
         )
 
 
@@ -166,6 +162,8 @@ def run_training(
     threads: int,
     device: torch.device,
     comm: Communication,
+    cooldown: Cooldown | None = None,
+    trunk: TrunkStates | None = None,
 ) -> dict:
     """``train`` once the processes have joined (``comm``): build, loop, save."""
     run, processes = spec.run, comm.processes
@@ -175,17 +173,33 @@ def run_training(
         torch.backends.cuda.matmul.allow_tf32 = True
     transformers_logging.disable_progress_bar()
 
-    steps, context_length = spec.steps, spec.shape["context_length"]
+    steps = spec.steps
     shards = TokenShards(data_dir)
     check_run(spec, engine, shards, processes)
-    with exclusive_work(outputs.lock, run, comm):
+    with exclusive_work(outputs.lock, run, comm), StopSignals() as stop:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         torch.manual_seed(spec.seed)
         np.random.seed(spec.seed)
         trainer = build_trainer(spec, engine, device, processes)
-        peak = peak_tflops(device, engine.peak_tflops)
-        identity = spec_hash(spec)
+        trainer.objective.train()
+        identity = spec_hash(spec, cooldown)
+        loop = Loop(
+            spec=spec,
+            engine=engine,
+            shards=shards,
+            trainer=trainer,
+            comm=comm,
+            device=device,
+            peak=peak_tflops(device, engine.peak_tflops),
+            tokens=spec.tokens,
+            last_step=steps,
+            resume_state=outputs.resume_state,
+            identity=identity,
+            stop=stop,
+        )
         progress = start_or_resume(spec, outputs, trainer, identity, device, processes)
+        if progress.step == 0 and cooldown is not None and trunk is not None:
+            progress = branch(loop, cooldown, trunk)
         if processes.is_main:
             sharing = f" ({engine.parallelism})" if processes.distributed else ""
             log(
@@ -194,55 +208,13 @@ def run_training(
                 f"(threads={threads})"
             )
 
-        trainer.objective.train()
-        with StopSignals() as stop:
-            while progress.step < steps:
-                inputs, targets, n_targets = read_batch(
-                    shards, progress.step, spec.batch_size, context_length, spec.tokens, processes
-                )
-                batch = Batch(to_device(inputs, device), to_device(targets, device), n_targets)
-                lr = learning_rate(progress.step + 1, steps, spec.lr, spec.warmup, spec.min_lr)
-                progress.loss_sum += train_step(
-                    trainer.objective, trainer.optimizer, batch, lr, trainer.settings
-                )
-                progress.step += 1
-                progress.timed_tokens += n_targets
-                step = progress.step
+        def save_checkpoints(step: int) -> None:
+            if step in spec.checkpoint_steps:
+                directory = checkpoint_path(outputs.unfinished_checkpoints, step)
+                save_checkpoint(directory, trainer, tokenizer, processes)
 
-                if step % engine.log_every == 0 or step == steps:
-                    row = curve_row(progress, spec, lr, peak)
-                    progress.curve.append(row)
-                    if processes.is_main:
-                        log(format_row(row, steps, spec.tokens))
-                    if not math.isfinite(row["loss"]):  # later steps would be meaningless
-                        reason = f"the training loss is {row['loss']} at step {step}"
-                        if processes.is_main:
-                            log(f"DIVERGED: {run}: {reason}")
-                        raise TrainError(
-                            f"{run}: diverged: {reason}; stopped. Lower the size's lr or raise "
-                            "its warmup, then re-run"
-                        )
-                if step in spec.checkpoint_steps:
-                    directory = checkpoint_path(outputs.unfinished_checkpoints, step)
-                    save_checkpoint(directory, trainer, tokenizer, processes)
-                stopping = step < steps and any_process(stop.received is not None, comm)
-                if step < steps and (step % engine.resume_every == 0 or stopping):
-                    save_resume_state(
-                        outputs.resume_state,
-                        identity,
-                        trainer.objective,
-                        trainer.optimizer,
-                        progress,
-                        device,
-                        processes,
-                    )
-                if stopping:
-                    number = stop.received or signal.SIGTERM
-                    if processes.is_main:
-                        log(f"{run}: stopped by signal {number} at step {step}; rerun to resume")
-                    raise SystemExit(128 + number)
-
-        summary = run_summary(spec, progress, identity, device, threads)
+        advance(loop, progress, steps, schedule(spec, cooldown), save_checkpoints)
+        summary = run_summary(spec, progress, identity, device, threads, cooldown)
         if processes.is_main:
             publish(spec, outputs, progress, summary)
         return summary
@@ -325,15 +297,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--work", required=True, help="where the unfinished run keeps its checkpoints and state"
     )
+    parser.add_argument(
+        "--cooldown",
+        help="train.schedule wsd: the run's Cooldown as one JSON object (its branch point and "
+        "decay); without it the run is cosine",
+    )
+    parser.add_argument(
+        "--trunk-states", help="with --cooldown: the states folder of the run's trunk"
+    )
+    parser.add_argument(
+        "--branch-steps",
+        default="[]",
+        help="with --trunk-states: JSON list of the branch points of the trunk's other runs, "
+        "kept if this job has to grow the trunk",
+    )
     args = parser.parse_args(argv)
     try:
         spec = RunSpec.from_json(args.spec)
         engine = EngineSettings.from_json(args.engine)
-    except SettingsError as error:
+        cooldown = Cooldown.from_json(args.cooldown) if args.cooldown else None
+        branch_steps = tuple(json.loads(args.branch_steps))
+    except (SettingsError, json.JSONDecodeError) as error:
         parser.error(str(error))
+    if args.trunk_states and cooldown is None:
+        parser.error("--trunk-states needs --cooldown")
+    trunk = TrunkStates(Path(args.trunk_states), branch_steps) if args.trunk_states else None
     outputs = Outputs(Path(args.checkpoints), Path(args.curve), Path(args.summary), Path(args.work))
     try:
-        train(spec, engine, args.data, args.tokenizer, outputs, args.threads)
+        train(spec, engine, args.data, args.tokenizer, outputs, args.threads, cooldown, trunk)
     except (TrainError, DamagedOutputError) as error:
         sys.exit(f"error: {error}")
 

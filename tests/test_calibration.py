@@ -1,0 +1,143 @@
+"""Calibrated intervals: each term widens them where it should, and on the paper's released
+testbed the shipped constants relearn and cover the held-out datasets' targets."""
+
+from __future__ import annotations
+
+import json
+
+import matplotlib.image
+import numpy as np
+import pandas as pd
+import pytest
+from test_released import exp_data
+
+from workflow.calibration import CONSTANTS, calibrate_table, calibrated_interval
+from workflow.calibration_view import draw, panels
+from workflow.learn_calibration import main as learn_main
+
+
+def ladder(predicted_far: float = 2.0) -> pd.DataFrame:
+    """One loss law's rows: four fit points on a curve, an interpolation and two targets
+    beyond them (10x and 100x the largest fit point's compute), two forms."""
+    rows = []
+    points = [(1e17, 20.0, 4.0), (1e18, 20.0, 3.5), (1e19, 20.0, 3.1), (1e19, 80.0, 3.2)]
+    targets = [(3e18, 20.0, 3.3), (1e20, 20.0, 2.8), (1e21, 20.0, predicted_far)]
+    for form, shift in (("paper", 0.0), ("chinchilla", 0.01)):
+        for index, (compute, multiplier, value) in enumerate(points + targets):
+            rows.append(
+                {
+                    "dataset": "d",
+                    "form": form,
+                    "size": f"s{index}",
+                    "N": 1,
+                    "M": multiplier,
+                    "D": 1,
+                    "C": compute,
+                    "quantity": "loss",
+                    "eval": "val",
+                    "role": "fit" if index < len(points) else "target",
+                    "predicted": value * (1 + shift),
+                    "actual": value * (1.002 if index % 2 else 0.998),
+                    "ci_low": value * (1 + shift) * 0.999,
+                    "ci_high": value * (1 + shift) * 1.001,
+                    "n_params": 4 if form == "paper" else 5,
+                    "family": "loss",
+                    "upstream": "",
+                    "elasticity": 0.0,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def widths(table: pd.DataFrame) -> pd.Series:
+    paper = table[table["form"] == "paper"]
+    return np.log(paper["ci_high"] / paper["ci_low"]).set_axis(paper["C"])
+
+
+def test_intervals_widen_with_the_distance_beyond_the_fit_points():
+    width = widths(calibrate_table(ladder(), "val", 0.0))
+    assert width[1e21] > width[1e20] > width[3e18]
+    assert width[3e18] == pytest.approx(width[1e17], rel=0.2)  # an interpolation is not far
+
+
+def test_the_calibrated_interval_contains_the_bootstraps():
+    raw = ladder()
+    calibrated = calibrate_table(raw, "val", 0.0)
+    assert (calibrated["ci_low"] <= raw["ci_low"]).all()
+    assert (calibrated["ci_high"] >= raw["ci_high"]).all()
+
+
+def test_measured_run_to_run_variance_widens_every_interval():
+    quiet = widths(calibrate_table(ladder(), "val", 0.0))
+    noisy = widths(calibrate_table(ladder(), "val", 0.05))
+    assert (noisy > quiet).all()
+    # at a fit point the run-to-run sd dominates: the 95% interval is about +-1.96 x 5%
+    assert noisy[1e17] == pytest.approx(2 * 1.96 * 0.05, rel=0.15)
+
+
+def test_forms_that_disagree_widen_each_others_intervals():
+    agree = widths(calibrate_table(ladder(), "val", 0.0))
+    far_apart = ladder()
+    far_apart.loc[(far_apart["form"] == "chinchilla") & (far_apart["C"] == 1e21), "predicted"] = 3.0
+    disagree = widths(calibrate_table(far_apart, "val", 0.0))
+    assert disagree[1e21] > 2 * agree[1e21]
+    assert disagree[1e20] == pytest.approx(agree[1e20])
+
+
+def test_a_chained_prediction_carries_its_losses_uncertainty():
+    loss = ladder()
+    error = loss.assign(
+        quantity="error",
+        eval="avg",
+        family="exponential",
+        upstream=loss["form"],
+        predicted=0.5,
+        actual=0.5,
+        ci_low=0.499,
+        ci_high=0.501,
+        n_params=3,
+    )
+    chained = calibrate_table(pd.concat([loss, error.assign(elasticity=2.0)]), "val", 0.0)
+    alone = calibrate_table(pd.concat([loss, error]), "val", 0.0)
+    far = (chained["quantity"] == "error") & (chained["C"] == 1e21) & (chained["form"] == "paper")
+    assert (chained[far]["ci_high"] - chained[far]["ci_low"]).item() > 1.5 * (
+        alone[far]["ci_high"] - alone[far]["ci_low"]
+    ).item()
+
+
+def test_a_prediction_below_zero_gets_a_linear_interval():
+    low, high = calibrated_interval(
+        np.array([-0.1, 0.2]), np.array([-0.2, 0.1]), np.array([0.0, 0.3]), np.full(2, 0.1), 0.5
+    )
+    assert low[0] < -0.1 < high[0] and np.isfinite([low[0], high[0]]).all()
+    assert 0 < low[1] < 0.2 < high[1]
+
+
+def test_the_calibration_view_draws_a_panel_per_quantity(tmp_path):
+    table = calibrate_table(ladder(), "val", 0.0).assign(inside=True)
+    errors = table.assign(quantity="error", eval="avg", predicted=0.5, actual=0.52)
+    errors[["ci_low", "ci_high"]] = [0.45, 0.55]
+    both = pd.concat([table, errors], ignore_index=True)
+    assert list(panels(both, "val")) == ["loss on val", "error"]
+    draw(both, "val", str(tmp_path / "calibration.png"))
+    height, width, _ = matplotlib.image.imread(tmp_path / "calibration.png").shape
+    assert width > 1.5 * height
+
+
+def test_the_shipped_constants_relearn_and_cover_each_held_out_dataset(tmp_path):
+    """Relearning on the released testbed gives the shipped constants, and with constants
+    learned on the other two datasets each dataset's targets are covered (README, "What the
+    intervals cover", has the full table)."""
+    out = tmp_path / "learned.json"
+    learn_main(["--exp-data", str(exp_data()), "--json", str(out)])
+    learned = json.loads(out.read_text())
+    for name, value in CONSTANTS.items():
+        assert learned["constants"][name] == pytest.approx(value, rel=2e-3), name
+    table = pd.DataFrame(learned["leave_one_dataset_out"])
+    loss_forms = table[table["form"].isin(["paper", "chinchilla"])]
+    assert (loss_forms["coverage"] >= 0.85).all(), loss_forms
+    paper_errors = table[(table["form"] == "paper") & (table["targets"] == "error averages")]
+    assert (paper_errors["coverage"] >= 0.85).all(), paper_errors
+    # honest widths: never far above a calibrated normal error's 5.8
+    assert (loss_forms["width / |error|"] <= 12).all(), loss_forms
+    assert set(table["held_out"]) == {"c4", "redpajama", "refinedweb"}
