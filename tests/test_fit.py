@@ -19,6 +19,7 @@ from workflow import fit, laws
 from workflow.config import validate_config
 from workflow.errors import FitError
 from workflow.forms import ERROR, LOSS, PAPER, chain_labels, predicting
+from workflow.predict import uncalibrated_predictions
 from workflow.released import ingest
 from workflow.settings import FitSettings, fit_settings
 from workflow.tables import FITS_SCHEMA, PREDICTIONS_SCHEMA, RUNS_SCHEMA, write_runs_table
@@ -149,9 +150,11 @@ def test_stage_writes_the_documented_tables(tmp_path):
     assert (predictions["predicted"] <= predictions["ci_high"]).all()
     fits = pd.read_parquet(tmp_path / "f.parquet")
     assert list(fits.columns) == FITS_SCHEMA.names == [
-        "dataset", "form", "law", "eval", "param", "value", "status", "chance", "predictable"
+        "dataset", "form", "law", "eval", "param", "value", "status", "chance", "predictable",
+        "warnings",
     ]  # fmt: skip
     assert (fits["status"] == "ok").all() and fits["predictable"].isna().all()
+    assert fits["warnings"].isna().all()
     params = fits.groupby("form")["param"].apply(list).to_dict()
     assert params == {form.chain_label(): list(form.params) for form in predicting(LOSS)}
     assert params[PAPER.chain_label()] == ["E", "a", "b", "eta"]
@@ -174,8 +177,13 @@ def test_error_is_predicted_from_the_predicted_loss():
 
 def test_bootstrap_interval_widens_with_measurement_noise():
     def width(noise):
-        predictions, _ = fit.fit_table(synthetic_runs(GRID, noise=noise, seed=6), settings())
-        paper = predictions[(predictions["form"] == PAPER_CHAIN) & (predictions["size"] == "l")]
+        runs = synthetic_runs(GRID, noise=noise, seed=6)
+        predictions = uncalibrated_predictions("toy", runs, settings())
+        paper = predictions[
+            (predictions["form"] == PAPER_CHAIN)
+            & (predictions["size"] == "l")
+            & (predictions["quantity"] == "loss")
+        ]
         return float((paper["ci_high"] - paper["ci_low"]).max())
 
     assert width(1e-2) > 3 * width(1e-3) > 0
@@ -284,5 +292,8 @@ def test_released_predictions_carry_intervals_around_them(released_fit):
         predictions["predicted"] <= predictions["ci_high"] + slack
     )
     assert inside.mean() > 0.99
+    # The headline targets, 6.9B at M = 20 (280x the largest loss fit point's compute): their
+    # calibrated intervals hold what was measured and stay useful (within +-10%).
     headline = predictions[(predictions["eval"] == "c4_val") & (predictions["size"] == "6.9B")]
-    assert ((headline["ci_high"] - headline["ci_low"]) < 0.05 * headline["predicted"]).all()
+    assert headline["inside"].astype(bool).all()
+    assert ((headline["ci_high"] - headline["ci_low"]) < 0.2 * headline["predicted"]).all()

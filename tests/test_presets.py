@@ -14,7 +14,8 @@ import pytest
 from conftest import REPO, load_config, snakemake
 
 from workflow.config import validate_config
-from workflow.runs import trained_runs
+from workflow.resources import cost_table
+from workflow.runs import trained_runs, trunks
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +83,35 @@ def test_ladder_preset_fits_small_runs_and_extrapolates_to_larger_and_over_train
     assert max(run.multiplier for run in targets) >= 80  # an over-trained target too
     # One GPU, a few hours: the cost estimate the README quotes.
     assert sum(run.compute for run in runs) == pytest.approx(1.03e19, rel=0.01)
+
+
+def test_the_paper_presets_keep_the_papers_cosine_schedule():
+    for name in ("presets/paper.yaml", "presets/ladder-small.yaml"):
+        assert load_config(name)["train"]["schedule"] == "cosine"
+
+
+def test_the_ladder_preset_under_wsd_trains_one_trunk_per_size_and_fewer_tokens():
+    """The smallest size's five multipliers share a trunk: 0.8 x 640 + 0.2 x (5 + 20 + 80 +
+    320 + 640) = 725 units of N tokens instead of 1,065; the largest size, with one
+    multiplier, costs the same under either schedule."""
+    config = load_config("presets/ladder-small.yaml")
+    config["train"]["schedule"] = "wsd"
+    validate_config(config)
+    assert [trunk.size for trunk in trunks(config)] == ["0.011B", "0.079B", "0.154B", "0.411B"]
+    assert len(trained_runs(config)) == 10
+    table = cost_table(config).set_index("size")
+    smallest = table.loc["0.011B"]
+    assert smallest["tokens_wsd"] / smallest["N"] == pytest.approx(725, abs=0.5)
+    assert smallest["tokens_cosine"] / smallest["N"] == pytest.approx(1065, abs=0.5)
+    largest = table.loc["0.411B"]
+    assert largest["tokens_wsd"] == largest["tokens_cosine"]
+    total = table.loc["total"]
+    assert total["tokens_wsd"] / total["tokens_cosine"] == pytest.approx(0.76, abs=0.005)
+
+
+def test_paper_preset_under_wsd_plans_a_trunk_per_dataset_and_size(tmp_path):
+    config = load_config("presets/paper.yaml")
+    config["train"]["schedule"] = "wsd"
+    result = snakemake("-n", config=config, workdir=tmp_path)
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", result.stdout, re.M))
+    assert (counts["trunk"], counts["train"]) == ("18", "104"), result.stdout[-3000:]

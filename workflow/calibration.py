@@ -31,7 +31,8 @@ asymmetry kept), and
   g = |d ln y / d ln L| of the downstream form at the predicted loss.
 
 A prediction <= 0 (a law extrapolated below zero) has no logarithm: there the interval is built
-in linear units, with x times the median fit-point value as the sd.
+in linear units, with x times the median fit-point value as the sd (x itself where that median
+is not positive, a task at zero).
 
 The constants (s0, kC, kMo, kMu) are learned, not tuned: ``python -m workflow.learn_calibration``
 refits the released testbed under eight fit-point layouts and minimises the interval score of
@@ -151,7 +152,9 @@ def calibrated_interval(
         above = np.where(positive, np.log(boot_high / predicted), boot_high - predicted) / Z_95
         below = np.where(np.isfinite(below), np.maximum(below, 0.0), 0.0)
         above = np.where(np.isfinite(above), np.maximum(above, 0.0), 0.0)
-        sd = np.where(positive, x, x * reference)
+        # the unit of a linear sd: the fit points' median value, or 1 where that is not positive
+        unit = np.where(np.isfinite(reference) & (reference > 0), reference, 1.0)
+        sd = np.where(positive, x, x * unit)
         half_below = z * np.sqrt(below**2 + sd**2)
         half_above = z * np.sqrt(above**2 + sd**2)
         low = np.where(positive, predicted * np.exp(-half_below), predicted - half_below)
@@ -190,11 +193,13 @@ def form_spread(rows: pd.DataFrame, reference: float) -> np.ndarray:
     grouped = logs.groupby([rows[k] for k in key])
     log_spread = grouped.transform("max") - grouped.transform("min")
     linear = predicted.groupby([rows[k] for k in key])
-    linear_spread = (linear.transform("max") - linear.transform("min")) / abs(reference)
+    unit = abs(reference) if np.isfinite(reference) and reference != 0 else 1.0
+    linear_spread = (linear.transform("max") - linear.transform("min")) / unit
     spread = np.where(
         logs.notna().groupby([rows[k] for k in key]).transform("all"), log_spread, linear_spread
     )
-    return np.nan_to_num(np.asarray(spread, float), nan=0.0)
+    spread = np.asarray(spread, float)
+    return np.where(np.isfinite(spread), spread, 0.0)
 
 
 def calibrate_table(

@@ -22,7 +22,13 @@ import pandas as pd
 from workflow.errors import FitError
 from workflow.predict import dataset_tables
 from workflow.settings import FitSettings, SettingsError
-from workflow.tables import FITS_SCHEMA, PREDICTIONS_SCHEMA, read_runs_table, write_table
+from workflow.tables import (
+    FITS_SCHEMA,
+    PREDICTIONS_SCHEMA,
+    TableError,
+    read_runs_table,
+    write_table,
+)
 
 
 def fit_table(
@@ -65,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         predictions, fits = fit_table(
             read_runs_table(args.runs), FitSettings.from_json(args.settings), args.workers
         )
-    except (FitError, SettingsError) as error:
+    except (FitError, SettingsError, TableError) as error:
         sys.exit(f"fit: {error}")
     write_table(predictions, PREDICTIONS_SCHEMA, args.predictions)
     write_table(fits, FITS_SCHEMA, args.fits)

@@ -72,6 +72,10 @@ class Form:
     # The fitted law as a person reads it, from its parameters and the factor its values are
     # multiplied by (the error at chance for a form of it).
     formula: Callable[[np.ndarray, float], str] = lambda params, scale: str(params)
+    # What makes a fit of a loss form implausible (``workflow.sanity``): its exponents, which
+    # must lie in (0, 2), and its irreducible loss, which must not be negative.
+    exponents: tuple[str, ...] = ()
+    irreducible: str | None = None
 
     def predict(self, source: tuple, params) -> np.ndarray:
         """The law at ``source`` (the arrays its source names), broadcasting over ``params``."""
@@ -228,6 +232,8 @@ PAPER = Form(
     law=laws.loss,
     params=("E", "a", "b", "eta"),
     fitting=LeastSquares(laws.loss_jacobian, paper_starts),
+    exponents=("eta",),
+    irreducible="E",
 )
 CHINCHILLA = Form(
     name="chinchilla",
@@ -237,6 +243,8 @@ CHINCHILLA = Form(
     law=laws.chinchilla_loss,
     params=("E", "A", "B", "alpha", "beta"),
     fitting=HuberOnLogLoss(grid=CHINCHILLA_GRID, delta=1e-3),
+    exponents=("alpha", "beta"),
+    irreducible="E",
 )
 EXPONENTIAL = Form(
     name="exponential",

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from workflow import forms
+from workflow import forms, sanity
 from workflow.bootstrap import measurement_sd, resample
 from workflow.errors import FitError
 from workflow.forms import ACCURACY, ERROR, LOSS, SIZE, Form
@@ -30,7 +30,9 @@ from workflow.intervals import Z_95
 from workflow.settings import FitSettings
 
 DOWNSTREAM = (ERROR, ACCURACY)  # fitted in this order, so the error averages' draws come first
-OK, DEGENERATE, FAILED = "ok", "degenerate", "failed"  # a fit's status
+# A fit's status; an implausible one converged to parameters that make no sense
+# (``workflow.sanity``): it is kept, and its warnings say why.
+OK, DEGENERATE, FAILED, IMPLAUSIBLE = "ok", "degenerate", "failed", "implausible"
 # A task is predictable when, at the fit point with the most compute, its error is below its
 # error at chance (where unknown, at the fit point with the least compute) by more than this
 # many sds of that measurement's noise.
@@ -40,13 +42,15 @@ SIGNAL_SDS = 3.0
 @dataclass(frozen=True)
 class Fitted:
     """A law fitted on one evaluation: its parameters and its bootstrap replicates, one row
-    each (NaN where a refit did not converge), its status (OK, DEGENERATE or FAILED), and the
-    factor its law's values are multiplied by (the error at chance for a form of it)."""
+    each (NaN where a refit did not converge), its status (OK, DEGENERATE, FAILED or
+    IMPLAUSIBLE), the factor its law's values are multiplied by (the error at chance for a
+    form of it), and why its status is not OK, in words (None where it is)."""
 
     params: np.ndarray
     replicates: np.ndarray
     status: str = OK
     scale: float = 1.0
+    warnings: str | None = None
 
 
 @dataclass(frozen=True)
@@ -179,6 +183,10 @@ class LadderMeasurements:
             ]
         return ", ".join(labels)
 
+    def label(self, index: int) -> str:
+        """A run as messages name it: 'xs M=20'."""
+        return f"{self.table['size'][index]} M={self.table['M'][index]:g}"
+
     def failure(self, where: str, reason: str, used: np.ndarray, values: np.ndarray) -> FitError:
         """One message naming the dataset, the law and its points."""
         return FitError(f"{self.dataset}: {where}: {reason}; points: {self.describe(used, values)}")
@@ -212,12 +220,31 @@ def fit_ladder(dataset: str, final: pd.DataFrame, settings: FitSettings) -> Ladd
     rng = np.random.default_rng([settings.seed, zlib.crc32(dataset.encode())])
     sizes = measurements.sizes()
     points = {LOSS: measurements.select(settings.loss_points, LOSS)}
+    for eval_name in measurements.evals(LOSS):
+        sanity.check_loss_points(measurements, eval_name, points[LOSS])
     fits, loss_samples = _fit_quantity(
-        measurements, LOSS, points[LOSS], {SIZE: sizes}, {SIZE: sizes}, settings, rng
+        measurements,
+        LOSS,
+        points[LOSS],
+        {SIZE: sizes},
+        {SIZE: sizes},
+        settings,
+        rng,
+        sanity.target_sizes(measurements, settings.extra_targets),
     )
     downstream = np.zeros_like(points[LOSS])
     if any(measurements.evals(metric) for metric in DOWNSTREAM):
         downstream = measurements.select(settings.error_points, ERROR)
+        sanity.check_points(
+            measurements,
+            f"error law (x: {loss_eval} loss)",
+            downstream,
+            {f"{loss_eval} loss": (LOSS, loss_eval)},
+        )
+        for eval_name in measurements.evals(ERROR):
+            sanity.check_points(
+                measurements, f"error law on {eval_name}", downstream, {"error": (ERROR, eval_name)}
+            )
     predictability = {}
     for metric in DOWNSTREAM:
         points[metric] = downstream
@@ -248,6 +275,7 @@ def _fit_quantity(
     replicate_sources: dict[str, tuple[np.ndarray, ...]],
     settings: FitSettings,
     rng: np.random.Generator,
+    targets: tuple[tuple[np.ndarray, np.ndarray], list[str]] | None = None,
 ) -> tuple[dict[tuple[str, str, str], Fitted], dict[str, np.ndarray]]:
     """Every form fitted on each evaluation of ``metric``, with bootstrap replicates; also
     returns each evaluation's bootstrap samples (replicates x runs).
@@ -256,7 +284,8 @@ def _fit_quantity(
     fitting, ``replicate_sources`` those of each replicate's refit (replicates x runs where
     they are resampled themselves). The samples are drawn once, from the residuals of the
     first form (in registry order) that fitted the evaluation, and every form is refitted on
-    them. A form of the chance fraction is fitted on value / error at chance.
+    them. A form of the chance fraction is fitted on value / error at chance. Each fit is
+    judged (``workflow.sanity.judge``; a form of the loss also at ``targets``' sizes).
     """
     evals = measurements.evals(metric)
     values = np.array([measurements.fitted_value(metric, eval_name) for eval_name in evals])
@@ -273,6 +302,7 @@ def _fit_quantity(
             settings,
         )
         status = np.where(solution.converged, OK, FAILED).astype(object)
+        warnings = np.full(len(evals), None, dtype=object)
         for index, eval_name in enumerate(evals):
             where = _where(form, metric, eval_name, settings.loss_eval)
             reason = solution.failure
@@ -286,12 +316,20 @@ def _fit_quantity(
                 status[index] = DEGENERATE if reason else OK
             if status[index] == FAILED and metric == LOSS:
                 raise measurements.failure(where, reason, used[index], values[index])
+            if status[index] != FAILED:
+                found = sanity.judge(
+                    measurements, form, metric, eval_name, inputs, used[index],
+                    solution.params[index], scale[index], targets,
+                )  # fmt: skip
+                reason = "; ".join(([reason] if reason else []) + found)
+                status[index] = IMPLAUSIBLE if found and status[index] == OK else status[index]
             if status[index] != OK:
+                warnings[index] = reason
                 print(f"{measurements.dataset}: {where} is {status[index]}: {reason}", flush=True)
-        solved.append((form, inputs, used, scale, solution, status))
+        solved.append((form, inputs, used, scale, solution, status, warnings))
     for index, eval_name in enumerate(evals):
         residuals, n_params = np.array([]), 0
-        for form, inputs, used, scale, solution, status in solved:
+        for form, inputs, used, scale, solution, status, _ in solved:
             if status[index] != FAILED:
                 points = used[index]
                 fitted = form.law(*(x[points] for x in inputs), *solution.params[index])
@@ -301,7 +339,7 @@ def _fit_quantity(
         width = measurements.interval_width(metric, eval_name)
         sd = measurement_sd(width, residuals, n_params)
         samples[eval_name] = resample(values[index], sd, settings.bootstrap, rng)
-    for form, _, _, scale, solution, status in solved:
+    for form, _, _, scale, solution, status, warnings in solved:
         replicates = form.fitting.refit(
             form.law,
             tuple(x[..., selected] for x in form.variables(*replicate_sources[form.source])),
@@ -313,7 +351,7 @@ def _fit_quantity(
         params = np.where((status == FAILED)[:, None], np.nan, solution.params)
         for index, eval_name in enumerate(evals):
             fits[(form.name, metric, eval_name)] = Fitted(
-                params[index], replicates[index], status[index], scale[index]
+                params[index], replicates[index], status[index], scale[index], warnings[index]
             )
     return fits, samples
 

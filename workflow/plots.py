@@ -16,6 +16,7 @@ loss.
 from __future__ import annotations
 
 import argparse
+import sys
 import textwrap
 from collections.abc import Sequence
 
@@ -34,7 +35,12 @@ from workflow import forms, laws
 from workflow.atomic import atomic_path
 from workflow.forms import ERROR, EXPONENTIAL, LOSS, PAPER, Form, chain_labels
 from workflow.ladder import DEGENERATE, FAILED
-from workflow.tables import read_runs_table
+from workflow.tables import (
+    TableError,
+    read_fits_table,
+    read_predictions_table,
+    read_runs_table,
+)
 
 MARKERS = "^sdpP*Xo"
 COLOURS = plt.get_cmap("plasma")
@@ -374,9 +380,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--loss-eval", required=True, help="validation set whose loss to show")
     parser.add_argument("--out", required=True, help="PNG to write")
     args = parser.parse_args(argv)
-    predictions = pd.read_parquet(args.predictions)
-    fits = pd.read_parquet(args.fits)
-    plot(read_runs_table(args.runs), predictions, fits, args.loss_eval, args.out)
+    try:
+        runs = read_runs_table(args.runs)
+        predictions = read_predictions_table(args.predictions)
+        fits = read_fits_table(args.fits)
+    except TableError as error:
+        sys.exit(f"plots: {error}")
+    plot(runs, predictions, fits, args.loss_eval, args.out)
     print(f"wrote {args.out}")
 
 

@@ -85,8 +85,8 @@ def finished(predictions: pd.DataFrame) -> pd.DataFrame:
 
 
 def report_fits(ladder: LadderFits) -> None:
-    """Log each loss and error-average fit's parameters (a degenerate or failed one by its
-    status), and per form how the tasks' fits went."""
+    """Log each loss and error-average fit's parameters (one that is not ok by its status and
+    warnings), and per form how the tasks' fits went."""
     dataset = ladder.measurements.dataset
     tasks: dict[str, list] = {}
     for (form_name, metric, eval_name), fitted in ladder.fits.items():
@@ -94,9 +94,9 @@ def report_fits(ladder: LadderFits) -> None:
         if metric == ACCURACY:
             tasks.setdefault(form_name, []).append((fitted.status, failed))
             continue
-        shown = (
-            np.array2string(fitted.params, precision=5) if fitted.status == OK else fitted.status
-        )
+        shown = np.array2string(fitted.params, precision=5)
+        if fitted.status != OK:
+            shown = f"{fitted.status} ({fitted.warnings})"
         print(
             f"{dataset} {form_name} {eval_name}: {shown}"
             + (f"; {failed} of {len(fitted.replicates)} refits did not converge" if failed else "")
@@ -180,9 +180,7 @@ def predict_targets(
     return pd.DataFrame({name: np.concatenate([f[name] for f in frames]) for name in frames[0]})
 
 
-def chain_elasticity(
-    form: forms.Form, fitted: Fitted, metric: str, loss: np.ndarray
-) -> np.ndarray:
+def chain_elasticity(form: forms.Form, fitted: Fitted, metric: str, loss: np.ndarray) -> np.ndarray:
     """g = |d ln y / d ln L| of a downstream prediction y at its predicted loss L: how much of
     the loss's uncertainty reaches it."""
 
@@ -212,8 +210,8 @@ def within_bounds(
 
 def parameter_rows(ladder: LadderFits) -> pd.DataFrame:
     """fits.parquet's rows: every form of the size, then every form of the loss under each
-    chain it ends; each with its fit's status, and a downstream evaluation's chance and
-    predictability."""
+    chain it ends; each with its fit's status and warnings, and a downstream evaluation's
+    chance and predictability."""
     measurements = ladder.measurements
     firsts_first = sorted(forms.links(), key=lambda link: link.after is not None)
     records = []
@@ -227,7 +225,7 @@ def parameter_rows(ladder: LadderFits) -> pd.DataFrame:
                     predictable = ladder.predictability[(metric, eval_name)].predictable
                 key = (measurements.dataset, link.label, metric, eval_name)
                 records += [
-                    (*key, name, value, fitted.status, chance, predictable)
+                    (*key, name, value, fitted.status, chance, predictable, fitted.warnings)
                     for name, value in zip(link.form.params, fitted.params, strict=True)
                 ]
     return pd.DataFrame.from_records(records, columns=FITS_SCHEMA.names)

@@ -73,8 +73,24 @@ FITS_SCHEMA = pa.schema(
         pa.field("status", pa.string(), nullable=False),
         pa.field("chance", pa.float64()),
         pa.field("predictable", pa.bool_()),
+        pa.field("warnings", pa.string()),
     ]
 )
+# Columns a fits.parquet written before them may lack: read as null.
+FITS_OPTIONAL = ("warnings",)
+
+# How each table is rebuilt, for the message that finds it unreadable.
+REBUILD_RUNS = (
+    "rebuild it: `snakemake --forcerun aggregate` for a trained ladder, "
+    "`snakemake --forcerun ingest_released` (the released testbed) or "
+    "`snakemake --forcerun ingest_table` (a results table)"
+)
+REBUILD_FIT = "rebuild it: `snakemake --forcerun fit`"
+
+
+class TableError(ValueError):
+    """A table that cannot be read or lacks its schema's columns; the message names the file,
+    what is wrong and the command that rebuilds it."""
 
 
 def write_table(frame: pd.DataFrame, schema: pa.Schema, path: str | Path) -> None:
@@ -92,15 +108,49 @@ def write_runs_table(records: Iterable[dict], path: str | Path) -> pd.DataFrame:
     return frame
 
 
-def read_runs_table(path: str | Path) -> pd.DataFrame:
-    """Read runs.parquet, checking it has the schema's columns (null where an optional one is
-    missing)."""
-    table = pq.read_table(path)
-    missing = set(RUNS_SCHEMA.names) - set(table.column_names) - set(RUNS_OPTIONAL)
+def read_checked(
+    path: str | Path, schema: pa.Schema, optional: Iterable[str] = (), rebuild: str = REBUILD_FIT
+) -> pd.DataFrame:
+    """Read a table the pipeline wrote, verified rather than trusted: a file that is not Parquet,
+    lacks a column of ``schema`` (null where an ``optional`` one is missing) or holds one of a
+    type that does not cast to it raises one TableError saying so and how to rebuild it."""
+    optional = tuple(optional)
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as error:
+        raise TableError(f"{path} is not a readable Parquet table ({error}); {rebuild}") from None
+    missing = set(schema.names) - set(table.column_names) - set(optional)
     if missing:
-        raise ValueError(f"{path} lacks columns {sorted(missing)}; expected {RUNS_SCHEMA.names}")
+        raise TableError(
+            f"{path} lacks columns {sorted(missing)} (expected {schema.names}); {rebuild}"
+        )
+    for field in schema:
+        if field.name not in table.column_names:
+            continue
+        column = table.column(field.name)
+        try:
+            column.cast(field.type)
+        except (pa.ArrowException, ValueError):
+            raise TableError(
+                f"{path}: column {field.name!r} holds {column.type}, not {field.type}; {rebuild}"
+            ) from None
     frame = table.to_pandas()
-    for column in RUNS_OPTIONAL:
+    for column in optional:
         if column not in frame:
-            frame[column] = np.nan
+            frame[column] = np.nan if schema.field(column).type == pa.float64() else None
     return frame
+
+
+def read_runs_table(path: str | Path) -> pd.DataFrame:
+    """runs.parquet, checked (``read_checked``)."""
+    return read_checked(path, RUNS_SCHEMA, RUNS_OPTIONAL, REBUILD_RUNS)
+
+
+def read_predictions_table(path: str | Path) -> pd.DataFrame:
+    """predictions.parquet, checked (``read_checked``)."""
+    return read_checked(path, PREDICTIONS_SCHEMA)
+
+
+def read_fits_table(path: str | Path) -> pd.DataFrame:
+    """fits.parquet, checked (``read_checked``; ``warnings`` null in one written before it)."""
+    return read_checked(path, FITS_SCHEMA, FITS_OPTIONAL)

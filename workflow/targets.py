@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import html
+import sys
 from collections.abc import Sequence
 
 import pandas as pd
 
 from workflow.atomic import atomic_path
 from workflow.forms import ACCURACY
+from workflow.tables import TableError, read_fits_table, read_predictions_table
 
 STYLE = """
 body { font-family: sans-serif; font-size: 13px; margin: 1em; }
@@ -150,9 +152,42 @@ def render(
         "|predicted - actual| / actual.</p>"
         + totals.to_html(index=False, border=0)
         + _tasks(fits, predictions)
+        + flagged_section(fits)
         + "<h3>Every target run</h3>"
         + detail.to_html(index=False, border=0)
         + "</body></html>\n"
+    )
+
+
+def flagged_section(fits: pd.DataFrame | None) -> str:
+    """The section listing the loss and error-average fits whose status is not ok, with why,
+    and how many tasks' fits are not (empty where every fit is ok)."""
+    if fits is None:
+        return ""
+    laws = fits.drop_duplicates(["dataset", "form", "law", "eval"])
+    laws = laws[laws["status"] != "ok"]
+    if "warnings" not in laws:
+        laws = laws.assign(warnings=None)
+    tasks = laws[laws["law"] == ACCURACY]
+    shown = laws[laws["law"] != ACCURACY]
+    if laws.empty:
+        return ""
+    counts = ", ".join(
+        f"{count} {status}" for status, count in tasks["status"].value_counts().items()
+    )
+    return (
+        "<h3>Fits that are not ok</h3>"
+        "<p>Written, but flagged: <code>degenerate</code> (constants meaningless apart), "
+        "<code>implausible</code> (parameters or residuals that make no sense), "
+        "<code>failed</code> (no fit). Their predictions are not results.</p>"
+        + (
+            shown[["dataset", "form", "law", "eval", "status", "warnings"]].to_html(
+                index=False, border=0, na_rep=""
+            )
+            if not shown.empty
+            else ""
+        )
+        + (f"<p>Tasks' fits: {counts} (see fits.parquet).</p>" if counts else "")
     )
 
 
@@ -189,14 +224,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--loss-eval", required=True, help="validation set of the loss rows")
     parser.add_argument("--out", required=True, help="HTML to write")
     args = parser.parse_args(argv)
-    predictions = pd.read_parquet(args.predictions)
+    try:
+        predictions = read_predictions_table(args.predictions)
+        fits = read_fits_table(args.fits)
+    except TableError as error:
+        sys.exit(f"targets: {error}")
     rows = target_rows(predictions, args.loss_eval)
     with atomic_path(args.out) as temporary:
-        temporary.write_text(
-            render(
-                rows, args.loss_eval, coverage(predictions), pd.read_parquet(args.fits), predictions
-            )
-        )
+        temporary.write_text(render(rows, args.loss_eval, coverage(predictions), fits, predictions))
     print(f"wrote {args.out}: {len(rows)} target rows")
 
 
