@@ -94,7 +94,7 @@ def test_snakemake_fails_before_any_job_with_the_key(tmp_path, default_config):
         ),
         (
             lambda c: c["sizes"]["xs"].update(warmup=100_000),
-            r"sizes\.xs\.warmup: 100000 steps, but run docs_en/xs/M20 trains 193 steps",
+            r"sizes\.xs\.warmup: 100000 steps, but the longest run of xs, docs_en/xs/M160",
         ),
         (lambda c: c.update(released_dir="x", results_table="y.csv"), "both set"),
     ],

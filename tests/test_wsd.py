@@ -215,7 +215,7 @@ def test_a_trunk_of_other_hyperparameters_starts_over(data, tmp_path, capfd):  #
 @pytest.fixture(scope="module")
 def finished_wsd(tmp_path_factory):
     """The tiny config under wsd (xs at M 2 and 4, s at M 2; wiki_en only, no downstream),
-    trained through every run's train.json."""
+    trained through every run's train.json by a real ``snakemake`` (about a minute)."""
     from conftest import load_config
 
     workdir = tmp_path_factory.mktemp("wsd")
@@ -248,6 +248,7 @@ def planned(config: dict, workdir) -> dict[str, int]:
     return counts
 
 
+@pytest.mark.slow
 def test_the_pipeline_trains_one_trunk_per_size_and_nothing_twice(finished_wsd):
     workdir, config = finished_wsd
     results = workdir / "results"
@@ -266,6 +267,7 @@ def test_the_pipeline_trains_one_trunk_per_size_and_nothing_twice(finished_wsd):
     assert planned(engine_only, workdir) == {}
 
 
+@pytest.mark.slow
 def test_a_new_multiplier_runs_one_new_run_which_grows_the_trunk(finished_wsd):
     """No trunk job, none of the size's finished runs: only the new run, whose job continues
     the trunk from its last kept state."""
@@ -284,6 +286,7 @@ def test_a_new_multiplier_runs_one_new_run_which_grows_the_trunk(finished_wsd):
     assert planned(added, workdir) == {}
 
 
+@pytest.mark.slow
 def test_changing_a_size_reruns_its_trunk_and_runs_only(finished_wsd):
     workdir, config = finished_wsd
     changed = copy.deepcopy(config)

@@ -217,7 +217,8 @@ def check_config(config: dict) -> None:
 
 
 def _check_steps(config: dict, runs: list) -> None:
-    """Every sequence fits the validation budget, and every run is longer than its warmup."""
+    """Every sequence fits the validation budget, and some run of every size gets past half
+    its warmup."""
     max_tokens = config["validation"]["max_tokens"]
     for name, spec in config["sizes"].items():
         if spec["context_length"] > max_tokens:
@@ -227,14 +228,20 @@ def _check_steps(config: dict, runs: list) -> None:
                 "most max_tokens tokens of each validation set, which must hold one sequence; "
                 "raise validation.max_tokens or lower context_length"
             )
+    longest: dict[str, object] = {}
     for run in runs:
-        spec = config["sizes"][run.size]
-        if run.steps <= spec["warmup"]:
+        if run.size not in longest or run.steps > longest[run.size].steps:
+            longest[run.size] = run
+    for size, run in longest.items():
+        spec = config["sizes"][size]
+        if 2 * run.steps <= spec["warmup"]:
             raise ConfigError(
-                f"sizes.{run.size}.warmup: {spec['warmup']} steps, but run {run.key} trains "
-                f"{run.steps} steps ({run.tokens:,} tokens at {spec['batch_size']} x "
-                f"{spec['context_length']} tokens per step): a run must be longer than its "
-                "warmup; lower warmup, batch_size or context_length, or raise M"
+                f"sizes.{size}.warmup: {spec['warmup']} steps, but the longest run of {size}, "
+                f"{run.key}, trains {run.steps} steps ({run.tokens:,} tokens at "
+                f"{spec['batch_size']} x {spec['context_length']} tokens per step): no run of "
+                "this size would get past half its peak learning rate (the paper's shortest "
+                "runs end inside their warmup, but near its end); lower warmup, batch_size or "
+                "context_length, or raise M"
             )
 
 

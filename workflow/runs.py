@@ -139,9 +139,9 @@ def checkpoint_steps(total_steps: int, n_checkpoints: int) -> tuple[int, ...]:
 
 def branch_step(config: dict, size: str, tokens: int) -> int:
     """Where a warmup-stable-decay run of ``tokens`` leaves its trunk: after (1 - f) x D
-    tokens (f = train.cooldown_fraction), rounded to a step; never inside the warmup, and at
-    least one step before the run's end. Planned whatever the schedule (the cost table
-    compares both)."""
+    tokens (f = train.cooldown_fraction), rounded to a step; not inside the warmup, and at
+    least one step before the run's end (which wins for a run that ends inside its warmup).
+    Planned whatever the schedule (the cost table compares both)."""
     spec = config["sizes"][size]
     tokens_per_step = spec["batch_size"] * spec["context_length"]
     steps = math.ceil(tokens / tokens_per_step)
