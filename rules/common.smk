@@ -135,11 +135,15 @@ def downstream_eval_files():
 
 
 def final_targets():
-    """What `snakemake` with no target builds: the predictions and what a reader looks at."""
+    """What `snakemake` with no target builds: the predictions and what a reader looks at, and
+    every run's checkpoints, so that a deleted checkpoint folder is retrained rather than
+    silently missing (Snakemake would not rebuild an intermediate whose users are done)."""
     figures = [layout.plot(name) for name in ("scaling.png", "targets.html", "calibration.png")]
+    checkpoints = []
     if not measured_elsewhere(config):
         figures.append(layout.plot("curves.png"))
-    return [layout.predictions(), layout.fits(), *figures]
+        checkpoints = [layout.checkpoints(run.key) for run in trained_runs(config)]
+    return [layout.predictions(), layout.fits(), *figures, *checkpoints]
 
 
 def curve_runs():

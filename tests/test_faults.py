@@ -519,3 +519,28 @@ def test_a_temporary_left_by_a_killed_stage_is_removed_by_its_next_run(
     assert all(output.exists() for output in outputs)
     assert not stale.exists()
     assert live.exists()
+
+
+def test_an_unreachable_hub_says_how_to_build_the_paper_suite_elsewhere(tmp_path):
+    """`suite: paper17` offline: the build fails with where to build it and what to copy,
+    not a traceback (the hub points at a closed local port, so this holds with network too)."""
+    settings = {"suite": "paper17", "tasks": {}, "sources": {}, "examples": 10, "seed": 0}
+    environment = {
+        **os.environ,
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+    }
+    command = [sys.executable, "-m", "workflow.suite", "--settings", json.dumps(settings)]
+    result = subprocess.run(
+        [*command, "--out", str(tmp_path / "suite")],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=600,
+    )
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("build_suite: the paper17 suite fetches its datasets")
+    assert "README" in last and "results/paper/suites/paper17" in last
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "suite").exists()

@@ -100,7 +100,7 @@ def test_outputs_have_the_documented_schema(finished_run):
 
 def test_the_report_is_one_self_contained_page_with_every_figure(finished_run):
     workdir, config = finished_run
-    for figure in ("scaling.png", "curves.png", "targets.html"):
+    for figure in ("scaling.png", "curves.png", "targets.html", "calibration.png"):
         assert (workdir / "results" / "plots" / figure).stat().st_size > 1000
     snakemake("--report", "report.html", config=config, workdir=workdir)
     page = (workdir / "report.html").read_text()
@@ -109,6 +109,7 @@ def test_the_report_is_one_self_contained_page_with_every_figure(finished_run):
         "image/png;charset=utf8;filename=scaling.png",
         "image/png;charset=utf8;filename=curves.png",
         "text/html;charset=utf8;filename=targets.html",
+        "image/png;charset=utf8;filename=calibration.png",
     ):
         assert f"data:{embedded};base64," in page
     assert "Training curves of every trained run" in page  # a caption, rendered
@@ -146,3 +147,18 @@ def test_changing_one_size_reruns_only_its_runs(finished_run):
     assert re.findall(r"wiki_en/(\w+)/M", result.stdout) and all(
         size == "m" for size in re.findall(r"runs/wiki_en/(\w+)/M[\d.]+/checkpoints", result.stdout)
     )
+
+
+def test_a_deleted_checkpoint_folder_is_retrained(finished_run):
+    """The checkpoints are a run's most valuable output: the next `snakemake` retrains a run
+    whose folder is gone instead of finding nothing to do."""
+    workdir, config = finished_run
+    checkpoints = workdir / "results" / "runs" / "wiki_en" / "s" / "M20" / "checkpoints"
+    aside = checkpoints.with_name("checkpoints-aside")
+    checkpoints.rename(aside)
+    try:
+        result = snakemake("-n", config=config, workdir=workdir)
+    finally:
+        aside.rename(checkpoints)
+    assert planned_jobs(result).get("train") == 1
+    assert "runs/wiki_en/s/M20/checkpoints" in result.stdout

@@ -4,6 +4,7 @@ moves it to smaller over-trained models, and its CLI reports plainly."""
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 
@@ -80,5 +81,9 @@ def test_cli_reports_the_plan(tmp_path, runs):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "recommended N =" in result.stdout and "predicted avg error" in result.stdout
+    # the ladder's own cost under both schedules: wsd shares a trunk among each size's 4 runs
+    pattern = r"the ladder itself \(16 runs\): (\S+) training tokens.*; (\S+) tokens"
+    cost = re.search(pattern, result.stdout)
+    assert cost and float(cost.group(2)) < float(cost.group(1))
     written = yaml.safe_load((tmp_path / "plan.json").read_text())
     assert math.isclose(6 * written["N"] * written["D"], 1e20, rel_tol=1e-9)

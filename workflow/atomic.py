@@ -15,16 +15,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from workflow.integrity import remove_stale_temporaries
+
 
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; move it onto ``final`` if the block succeeds.
 
     Works for files and directories. On an exception the temporary path is removed and
-    ``final`` is left as it was.
+    ``final`` is left as it was; what a killed writer of ``final`` left beside it is removed
+    first.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(final)
     temporary = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     _remove(temporary)
     try:

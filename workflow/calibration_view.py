@@ -66,12 +66,15 @@ def draw(predictions: pd.DataFrame, loss_eval: str, out: str) -> None:
                 alpha=0.75,
                 label=f"{dataset} {form}: {inside.sum()}/{len(group)} inside",
             )
-        low = np.nanmin(rows[["actual", "ci_low"]].to_numpy(float))
-        high = np.nanmax(rows[["actual", "ci_high"]].to_numpy(float))
+        # The axes span the values, not the intervals: a wild interval runs off the panel
+        # rather than squashing every point into a corner.
+        values = rows[["actual", "predicted"]].to_numpy(float)
+        low, high = np.nanmin(values), np.nanmax(values)
+        margin = 0.1 * (high - low) or 0.1 * abs(high) or 0.1
         axis.plot([low, high], [low, high], color="black", linewidth=0.8)
-        if title.endswith("loss") or title.startswith("loss"):
-            axis.set_xscale("log")
-            axis.set_yscale("log")
+        limits = (max(low - margin, low / 2) if low > 0 else low - margin, high + margin)
+        axis.set_xlim(*limits)
+        axis.set_ylim(*limits)
         axis.set_title(title)
         axis.set_xlabel("actual")
         axis.set_ylabel("predicted (95% interval)")

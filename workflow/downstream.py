@@ -29,7 +29,7 @@ from statistics import NormalDist
 
 from workflow.atomic import atomic_path, write_json
 from workflow.errors import TrainError
-from workflow.integrity import DamagedOutputError, check_checkpoint, remove_stale_temporaries
+from workflow.integrity import DamagedOutputError, check_checkpoint
 from workflow.suite import SuiteError, TaskSpec, read_manifest
 
 Z_95 = NormalDist().inv_cdf(0.975)
@@ -140,8 +140,6 @@ def evaluate_downstream(
     """Run the suite on one checkpoint; write lm-eval's results and the summary."""
     manifest, task_specs = read_manifest(suite_dir)
     check_checkpoint(checkpoint)
-    for output in (results_path, summary_path):
-        remove_stale_temporaries(output)
     from lm_eval.utils import handle_non_serializable  # slow to import: after the checks
 
     started = time.perf_counter()

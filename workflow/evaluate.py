@@ -23,7 +23,7 @@ import workflow.model  # noqa: F401  (registers ScalingLM with the Auto classes)
 from workflow.atomic import write_json
 from workflow.device import resolve_device
 from workflow.errors import TrainError
-from workflow.integrity import DamagedOutputError, check_checkpoint, remove_stale_temporaries
+from workflow.integrity import DamagedOutputError, check_checkpoint
 from workflow.shards import TokenShards
 
 
@@ -93,8 +93,6 @@ def evaluate_checkpoint(
             f"{sorted(outputs)} differ; give each set both"
         )
     check_checkpoint(checkpoint)
-    for output in outputs.values():
-        remove_stale_temporaries(output)
     torch_device = resolve_device(device)
     model = AutoModelForCausalLM.from_pretrained(checkpoint).to(torch_device).eval()
     context_length = model.config.max_position_embeddings

@@ -37,6 +37,26 @@ def checkpoint_path(checkpoints: str | Path, step: int | str) -> str:
     return str(Path(checkpoints, checkpoint_name(step)))
 
 
+def lock_file(folder: str | Path) -> Path:
+    """The lock its one writer holds on a work or states folder (``workflow.resume``)."""
+    return Path(folder, "lock")
+
+
+def resume_state_file(folder: str | Path) -> Path:
+    """Where an unfinished run or trunk continues from, inside its work or states folder."""
+    return Path(folder, "resume.pt")
+
+
+def unfinished_checkpoints(work: str | Path) -> Path:
+    """A run's checkpoints so far, inside its work folder, until the run finishes."""
+    return Path(work, "checkpoints")
+
+
+def trunk_spec_file(states: str | Path) -> Path:
+    """The trunk spec a trunk's states belong to, inside its states folder."""
+    return Path(states, "spec.json")
+
+
 def trunk_state_path(states: str | Path, step: int) -> str:
     """A trunk's full training state after ``step`` steps, inside its states folder."""
     return str(Path(states, f"{checkpoint_name(step)}.pt"))

@@ -42,7 +42,8 @@ from workflow.intervals import percentile_interval
 from workflow.ladder import OK, fit_ladder
 from workflow.paths import Layout
 from workflow.predict import dataset_tables
-from workflow.settings import FitSettings, SettingsError, fit_settings
+from workflow.resources import cost_table
+from workflow.settings import FitSettings, SettingsError, fit_settings, measured_elsewhere
 from workflow.tables import read_runs_table
 
 # The size name of the recommended run among the predictions.
@@ -225,6 +226,17 @@ def describe(recommended: Plan) -> str:
     return "\n".join(lines)
 
 
+def ladder_cost(config: dict) -> str:
+    """What the config's own ladder costs under each schedule (workflow.resources)."""
+    total = cost_table(config).iloc[-1]
+    return (
+        f"  the ladder itself ({int(total['runs'])} runs): {total['tokens_cosine']:.3g} training "
+        f"tokens, {total['gpu_hours_cosine']:,.1f} GPU-hours under cosine; "
+        f"{total['tokens_wsd']:.3g} tokens, {total['gpu_hours_wsd']:,.1f} GPU-hours under wsd "
+        f"(train.schedule; `python -m workflow.resources` for the table per size)"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", type=float, required=True, help="training FLOPs (6ND)")
@@ -264,6 +276,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (ConfigError, FitError, SettingsError) as error:
         sys.exit(f"plan: {error}")
     print(describe(recommended))
+    if not measured_elsewhere(config):
+        print(ladder_cost(config))
     if args.json:
         Path(args.json).write_text(json.dumps(asdict(recommended), indent=2) + "\n")
 

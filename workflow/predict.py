@@ -163,10 +163,6 @@ def predict_targets(
                 replicate_predictions = fitted.scale * form.predict(
                     replicate_source, _as_columns(fitted.replicates)
                 )
-                # a refit that did not converge predicts nothing anywhere: leave its row out
-                replicate_predictions = replicate_predictions[
-                    ~np.isnan(replicate_predictions).all(axis=1)
-                ]
                 if metric == LOSS:
                     predicted_loss[(form.name, eval_name)] = predicted, replicate_predictions
                 if metric == ACCURACY:  # fitted as its error

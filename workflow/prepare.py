@@ -29,7 +29,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from workflow.atomic import atomic_path
-from workflow.integrity import remove_stale_temporaries
 from workflow.paths import corpus_file, corpus_manifest
 from workflow.sources import CORPORA, SourceError, offline_documents
 
@@ -292,7 +291,6 @@ def prepare(
         raise SourceError(f"datasets.{name}.val_fraction must be in (0, 1), got {val_fraction}")
     start = time.monotonic()
     counts = dict.fromkeys(("read", "empty", "duplicate", *SPLITS), 0)
-    remove_stale_temporaries(out_dir)
     with atomic_path(out_dir) as temporary:
         temporary.mkdir(parents=True)
         documents, versions = source_documents(source, cache_dir)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from workflow.atomic import atomic_path
-from workflow.integrity import DamagedOutputError, rebuild_hint, remove_stale_temporaries
+from workflow.integrity import DamagedOutputError, rebuild_hint
 
 if TYPE_CHECKING:
     from workflow.distributed import Processes
@@ -47,7 +47,6 @@ def write_shards(
     left beside it is removed first. Returns the metadata.
     """
     dtype = token_dtype(vocab_size)
-    remove_stale_temporaries(out_dir)
     with atomic_path(out_dir) as temporary:
         temporary.mkdir(parents=True)
         shards: list[dict] = []

@@ -278,7 +278,16 @@ def download_paper_suite(specs: Sequence[TaskSpec]) -> None:
     """Load every task once, so its dataset is in HF_HOME before the offline evaluations."""
     from lm_eval.tasks import TaskManager
 
-    TaskManager().load(sorted({spec.lm_eval_task for spec in specs}))
+    try:
+        TaskManager().load(sorted({spec.lm_eval_task for spec in specs}))
+    except OSError as error:  # the hub's connection errors, after datasets' own retries
+        raise SuiteError(
+            f"the paper17 suite fetches its datasets from the Hugging Face hub once, and the hub "
+            f"could not be reached ({error}). Build the suite where there is network and copy "
+            'it here: README, "The paper\'s suite", says how (`snakemake --cores 1 '
+            "--configfile presets/paper.yaml results/paper/suites/paper17`, then copy "
+            "results/paper/hf_home and results/paper/suites), or use `downstream.suite: offline`"
+        ) from None
 
 
 def build_suite(settings: dict, out: str | Path) -> dict:

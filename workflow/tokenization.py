@@ -31,7 +31,6 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from workflow.atomic import atomic_path
-from workflow.integrity import remove_stale_temporaries
 from workflow.shards import token_dtype, write_shards
 
 log = logging.getLogger(__name__)
@@ -117,7 +116,6 @@ def load_pretrained(name: str, vocab_size: int) -> PreTrainedTokenizerFast:
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: str | Path) -> None:
     """``save_pretrained`` into ``out_dir``, which appears only when complete."""
-    remove_stale_temporaries(out_dir)
     with atomic_path(out_dir) as temporary:
         tokenizer.save_pretrained(temporary)
 

@@ -50,7 +50,12 @@ from workflow.distributed import (
 from workflow.errors import TrainError
 from workflow.integrity import DamagedOutputError, remove_stale_temporaries
 from workflow.loop import Loop, advance, check_data
-from workflow.paths import checkpoint_path
+from workflow.paths import (
+    checkpoint_path,
+    lock_file,
+    resume_state_file,
+    unfinished_checkpoints,
+)
 from workflow.resume import (
     FULL_STATE,
     StopSignals,
@@ -79,16 +84,16 @@ class Outputs:
 
     @property
     def resume_state(self) -> Path:
-        return self.work / "resume.pt"
+        return resume_state_file(self.work)
 
     @property
     def unfinished_checkpoints(self) -> Path:
-        return self.work / "checkpoints"
+        return unfinished_checkpoints(self.work)
 
     @property
     def lock(self) -> Path:
         """Held by the run's one trainer (``workflow.resume.exclusive_work``)."""
-        return self.work / "lock"
+        return lock_file(self.work)
 
 
 def check_run(

@@ -38,7 +38,13 @@ from workflow.distributed import (
 from workflow.errors import TrainError
 from workflow.integrity import DamagedOutputError, remove_stale_temporaries
 from workflow.loop import Loop, advance, check_data
-from workflow.paths import trunk_state_path, trunk_state_steps
+from workflow.paths import (
+    lock_file,
+    resume_state_file,
+    trunk_spec_file,
+    trunk_state_path,
+    trunk_state_steps,
+)
 from workflow.resume import (
     RESUME_FORMAT,
     StopSignals,
@@ -65,17 +71,17 @@ class TrunkStates:
 
     @property
     def lock(self) -> Path:
-        return self.directory / "lock"
+        return lock_file(self.directory)
 
     @property
     def spec_file(self) -> Path:
         """The ``TrunkSpec`` the states belong to."""
-        return self.directory / "spec.json"
+        return trunk_spec_file(self.directory)
 
     @property
     def resume_state(self) -> Path:
         """Where a trunk stopped between branch points continues from."""
-        return self.directory / "resume.pt"
+        return resume_state_file(self.directory)
 
     def state(self, step: int) -> Path:
         return Path(trunk_state_path(self.directory, step))
