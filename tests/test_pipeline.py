@@ -12,6 +12,8 @@ import pandas as pd
 import pytest
 from conftest import snakemake
 
+from workflow.forms import chain_labels
+
 pytestmark = pytest.mark.slow
 
 
@@ -83,7 +85,7 @@ def test_outputs_have_the_documented_schema(finished_run):
     assert (predictions["ci_low"] <= predictions["ci_high"]).all()
     # The error law on our own runs: every target's error predicted from its predicted loss.
     errors = targets[targets["quantity"] == "error"]
-    assert set(errors["eval"]) == {"offline"} and set(errors["form"]) == {"paper", "chinchilla"}
+    assert set(errors["eval"]) == {"offline"} and set(errors["form"]) == set(chain_labels("error"))
     assert errors["relative_error"].notna().all() and errors["ci_low"].notna().all()
     step = runs.loc[runs["final"] & (runs["size"] == "xs") & (runs["M"] == 20), "step"].iloc[0]
     checkpoint = results / "eval" / "wiki_en" / "xs" / "M20" / f"step{step:06d}"
@@ -145,7 +147,8 @@ def test_changing_one_size_reruns_only_its_runs(finished_run):
     assert "build_suite" not in jobs
     assert jobs.get("aggregate") == 1 and jobs.get("fit") == 1
     assert re.findall(r"wiki_en/(\w+)/M", result.stdout) and all(
-        size == "m" for size in re.findall(r"runs/wiki_en/(\w+)/M[\d.]+/checkpoints", result.stdout)
+        size == "m"
+        for size in re.findall(r"output: \S*runs/wiki_en/(\w+)/M[\d.]+/checkpoints", result.stdout)
     )
 
 
