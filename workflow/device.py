@@ -48,3 +48,11 @@ def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor
+
+
+def configure(device: torch.device, threads: int) -> None:
+    """This process's math settings: ``threads`` CPU threads, or TF32 matmuls on a GPU."""
+    if device.type == "cpu":
+        torch.set_num_threads(threads)
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True

@@ -16,6 +16,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -207,3 +208,15 @@ def build_trainer(
         world_size=processes.world_size,
     )
     return Trainer(model, objective, make_optimizer(objective, spec, device), settings)
+
+
+def seeded_trainer(
+    spec: RunSpec | TrunkSpec, engine: EngineSettings, device: torch.device, processes: Processes
+) -> Trainer:
+    """``build_trainer`` from the spec's seed, in training mode: every run and trunk of one
+    size starts from the same weights."""
+    torch.manual_seed(spec.seed)
+    np.random.seed(spec.seed)
+    trainer = build_trainer(spec, engine, device, processes)
+    trainer.objective.train()
+    return trainer

@@ -31,7 +31,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
@@ -39,7 +38,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
 from workflow.atomic import atomic_path, write_json
-from workflow.device import peak_tflops, resolve_device
+from workflow.device import configure, peak_tflops, resolve_device
 from workflow.distributed import (
     Communication,
     Processes,
@@ -68,7 +67,7 @@ from workflow.resume import (
 )
 from workflow.settings import Cooldown, EngineSettings, RunSpec, SettingsError
 from workflow.shards import TokenShards
-from workflow.step import Trainer, build_trainer, schedule
+from workflow.step import Trainer, schedule, seeded_trainer
 from workflow.telemetry import Progress, format_duration, log, run_summary
 from workflow.trunk import TrunkStates, branch
 
@@ -172,10 +171,7 @@ def run_training(
 ) -> dict:
     """``train`` once the processes have joined (``comm``): build, loop, save."""
     run, processes = spec.run, comm.processes
-    if device.type == "cpu":
-        torch.set_num_threads(threads)
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = True
+    configure(device, threads)
     transformers_logging.disable_progress_bar()
 
     steps = spec.steps
@@ -183,10 +179,7 @@ def run_training(
     check_run(spec, engine, shards, processes)
     with exclusive_work(outputs.lock, run, comm), StopSignals() as stop:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        torch.manual_seed(spec.seed)
-        np.random.seed(spec.seed)
-        trainer = build_trainer(spec, engine, device, processes)
-        trainer.objective.train()
+        trainer = seeded_trainer(spec, engine, device, processes)
         identity = spec_hash(spec, cooldown)
         loop = Loop(
             spec=spec,

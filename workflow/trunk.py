@@ -24,11 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from workflow.atomic import atomic_path, write_json
-from workflow.device import peak_tflops, resolve_device
+from workflow.device import configure, peak_tflops, resolve_device
 from workflow.distributed import (
     Processes,
     barrier,
@@ -57,7 +54,7 @@ from workflow.resume import (
 )
 from workflow.settings import Cooldown, EngineSettings, SettingsError, TrunkSpec
 from workflow.shards import TokenShards
-from workflow.step import build_trainer, trunk_learning_rate
+from workflow.step import seeded_trainer, trunk_learning_rate
 from workflow.telemetry import Progress, format_duration, log
 
 
@@ -244,20 +241,14 @@ def grow(
 def grow_joined(spec, engine, data_dir, states, summary_path, threads, device, comm) -> dict:
     """``grow`` once the processes have joined (``comm``)."""
     processes = comm.processes
-    if device.type == "cpu":
-        torch.set_num_threads(threads)
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = True
+    configure(device, threads)
     shards = TokenShards(data_dir)
     check_data(spec, max(states.branch_steps) * spec.tokens_per_step, shards, engine, processes)
     if processes.is_main:
         remove_stale_temporaries(summary_path)
     with exclusive_work(states.lock, spec.run, comm), StopSignals() as stop:
         adopt(states, spec, processes)
-        torch.manual_seed(spec.seed)
-        np.random.seed(spec.seed)
-        trainer = build_trainer(spec, engine, device, processes)
-        trainer.objective.train()
+        trainer = seeded_trainer(spec, engine, device, processes)
         loop = trunk_loop(spec, engine, shards, trainer, comm, device, states, stop)
         if processes.is_main:
             log(
