@@ -132,21 +132,17 @@ def ingest_settings(config: dict) -> IngestSettings:
 
 
 @dataclass(frozen=True)
-class RunSpec(JsonSettings):
-    """Everything that determines a training run's result; a change to it re-runs that run
-    (and what depends on it) only."""
+class Recipe(JsonSettings):
+    """What a size trains with, apart from how long and how it ends: the model's shape and
+    the optimizer's settings; a run and its trunk (train.schedule: wsd) share it."""
 
-    run: str
     shape: dict[str, Any]
     n_params: int
-    tokens: int
-    checkpoint_steps: list[int]
     batch_size: int
     micro_batch_size: int | None
     lr: float
     warmup: int
     weight_decay: float
-    min_lr: float
     z_loss: float
     beta1: float
     beta2: float
@@ -157,6 +153,17 @@ class RunSpec(JsonSettings):
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.shape["context_length"]
+
+
+@dataclass(frozen=True)
+class RunSpec(Recipe):
+    """Everything that determines a training run's result; a change to it re-runs that run
+    (and what depends on it) only."""
+
+    run: str
+    tokens: int
+    checkpoint_steps: list[int]
+    min_lr: float
 
     @property
     def steps(self) -> int:
@@ -170,7 +177,7 @@ RECIPE_TRAIN_KEYS = ("z_loss", "beta1", "beta2", "grad_clip", "seed", "device")
 
 
 def recipe(config: dict, size: str) -> dict[str, Any]:
-    """What a size trains with, apart from how long and how it ends: shape and optimizer."""
+    """A size's ``Recipe`` fields from the config, all but N (a run's or trunk's own)."""
     return {
         "shape": model_shape(config, size),
         **{key: config["sizes"][size][key] for key in RECIPE_SIZE_KEYS},
@@ -190,34 +197,17 @@ def run_spec(config: dict, run: Run) -> RunSpec:
 
 
 @dataclass(frozen=True)
-class TrunkSpec(JsonSettings):
+class TrunkSpec(Recipe):
     """What determines a trunk's states (train.schedule: wsd): a run's spec without its
     length, checkpoints and floor. Its branch points are not part of it: a trunk extended for a
     new multiplier is the same trunk, continued, so adding a run never restarts it."""
 
     trunk: str
-    shape: dict[str, Any]
-    n_params: int
-    batch_size: int
-    micro_batch_size: int | None
-    lr: float
-    warmup: int
-    weight_decay: float
-    z_loss: float
-    beta1: float
-    beta2: float
-    grad_clip: float
-    seed: int
-    device: str
 
     @property
     def run(self) -> str:
         """The trunk's name in messages, where a run's spec has its key."""
         return f"{self.trunk}/trunk"
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.batch_size * self.shape["context_length"]
 
     @classmethod
     def of_run(cls, spec: RunSpec, trunk: str) -> TrunkSpec:
