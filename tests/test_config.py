@@ -14,6 +14,7 @@ from workflow.config import (
     USUAL_CHECKPOINTS_PER_RUN,
     ConfigError,
     explain_schema_errors,
+    load_config_file,
     unusual_cost,
     validate_config,
 )
@@ -160,3 +161,39 @@ def test_parsing_the_workflow_imports_no_heavy_library():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert loaded.stdout.strip() == "[]"
+
+
+def test_yaml_syntax_error_names_the_line_and_column(tmp_path):
+    """Snakemake's own message for a broken --configfile names no line; ours does."""
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("results_dir: results\ngrid:\n  docs_en:\n    xs: [20, 80\n  s: [20]\n")
+    with pytest.raises(ConfigError, match=r"line 4, column 9.*line 5, column 4"):
+        load_config_file(broken)
+    result = subprocess.run(
+        [sys.executable, "-m", "workflow.config", str(broken)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1
+    assert f"{broken}: YAML syntax error" in result.stderr
+    tabbed = tmp_path / "tabbed.yaml"
+    tabbed.write_text("results_dir: results\n\tgrid: {}\n")
+    with pytest.raises(ConfigError, match=r"'\\t'.*line 2, column 1"):
+        load_config_file(tabbed)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 1\n")
+    with pytest.raises(ConfigError, match="a config is a mapping"):
+        load_config_file(listed)
+
+
+def test_config_check_command_reports_what_a_valid_config_trains():
+    result = subprocess.run(
+        [sys.executable, "-m", "workflow.config", "config.yaml"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    runs = trained_runs(validate_config(load_config_file(REPO / "config.yaml")))
+    assert result.stdout.startswith(f"config.yaml: valid; {len(runs)} runs to train")

@@ -1,5 +1,9 @@
 """Validate a config against the JSON Schema, fill its defaults, and explain what is wrong.
 
+``python -m workflow.config FILE`` checks a config file as the pipeline would, before any job:
+Snakemake reads a ``--configfile`` itself, and its message for a YAML syntax error names no line,
+so this names the file, line and column as well as every schema or cross-reference problem.
+
 snakemake.utils.validate checks the schema and fills defaults, but its message for a
 misspelt key ("Additional properties are not allowed") does not say which keys are; a user
 fixing a config wants both, before any job starts. So on failure we re-run the validator
@@ -8,6 +12,9 @@ ourselves and describe each violation by its key path and what is allowed.
 
 from __future__ import annotations
 
+import argparse
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import jsonschema
@@ -269,3 +276,58 @@ def unusual_cost(config: dict) -> str | None:
         f"tokens in all) and {evaluations:,} evaluation jobs of {checkpoints:,} checkpoints (up "
         f"to {most} per run from train.checkpoints = {config['train']['checkpoints']})"
     )
+
+
+def load_config_file(path: str | Path) -> dict:
+    """A config file's keys; a YAML syntax error names the file, the line and the column."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot be read: {error.strerror}") from error
+    except yaml.MarkedYAMLError as error:
+        parts = [
+            f"{text} (line {mark.line + 1}, column {mark.column + 1})"
+            for text, mark in (
+                (error.context, error.context_mark),
+                (error.problem, error.problem_mark),
+            )
+            if text and mark
+        ]
+        raise ConfigError(f"{path}: YAML syntax error: {'; '.join(parts)}") from error
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: YAML syntax error: {error}") from error
+    if not isinstance(loaded, dict):
+        raise ConfigError(
+            f"{path}: holds a {type(loaded).__name__}; a config is a mapping of keys "
+            "(results_dir, datasets, sizes, grid, ...)"
+        )
+    return loaded
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Check a config file (given to snakemake with --configfile, which replaces "
+        "config.yaml) as the pipeline would before any job: YAML syntax with its line, the "
+        "schema and the cross-checks."
+    )
+    parser.add_argument("configfile", help="the YAML or JSON config file")
+    args = parser.parse_args(argv)
+    try:
+        config = validate_config(load_config_file(args.configfile))
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        sys.exit(1)
+    if config["released_dir"] or config["results_table"]:
+        print(f"{args.configfile}: valid; fits results measured elsewhere, trains nothing")
+        return
+    runs = trained_runs(config)
+    print(
+        f"{args.configfile}: valid; {len(runs)} runs to train, "
+        f"{sum(run.tokens for run in runs):,} tokens in all"
+    )
+    if note := unusual_cost(config):
+        print(note)
+
+
+if __name__ == "__main__":
+    main()
