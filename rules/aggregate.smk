@@ -4,6 +4,7 @@ rule aggregate:
     input:
         losses=loss_eval_files(),
         downstream=downstream_eval_files(),
+        training=[layout.train_summary(run.key) for run in trained_runs(config)],
     output:
         layout.runs_table(),
     log:
@@ -14,4 +15,4 @@ rule aggregate:
         "../envs/fit.yaml"
     shell:
         "python -m workflow.aggregate --out {output} {input.losses}"
-        " --downstream {input.downstream} > {log} 2>&1"
+        " --downstream {input.downstream} --training {input.training} > {log} 2>&1"

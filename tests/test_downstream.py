@@ -13,6 +13,7 @@ from test_tasks import make_documents
 
 from workflow.aggregate import aggregate, summary_rows
 from workflow.downstream import Z_95, summarize
+from workflow.runs import format_multiplier
 from workflow.suite import MANIFEST, PAPER17, SuiteError, build_suite, paper_suite, read_manifest
 
 RUN = {
@@ -147,9 +148,16 @@ def test_aggregate_adds_task_accuracies_and_the_suites_error(offline_suite, tmp_
     loss = {**RUN, "metric": "loss", "eval": "docs_en", "value": 5.1}
     loss_file.write_text(json.dumps({**loss, "ci_low": 5.0, "ci_high": 5.2, "n_examples": 64}))
 
-    frame = aggregate([loss_file], tmp_path / "runs.parquet", [summary_file])
+    training_file = tmp_path / "train.json"
+    run_key = f"{RUN['dataset']}/{RUN['size']}/M{format_multiplier(RUN['M'])}"
+    training_file.write_text(json.dumps({"run": run_key, "diverged": True, "steps": 9}))
+
+    frame = aggregate([loss_file], tmp_path / "runs.parquet", [summary_file], [training_file])
     table = pd.read_parquet(tmp_path / "runs.parquet")
     assert len(frame) == len(table) == 4
+    assert table["diverged"].tolist() == [True] * 4  # every row of the run says so
+    unknown = aggregate([loss_file], tmp_path / "unknown.parquet", [summary_file])
+    assert unknown["diverged"].isna().all()
     accuracy = table[table["metric"] == "accuracy"].set_index("eval")
     assert accuracy.loc["order", "value"] == 0.9 and accuracy.loc["last", "value"] == 0.4
     error = table[table["metric"] == "error"].iloc[0]

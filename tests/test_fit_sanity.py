@@ -58,6 +58,20 @@ def test_a_diverged_fit_point_is_flagged_naming_that_run():
     assert flagged["warnings"].str.contains("s M=20").any(), flagged["warnings"].tolist()
 
 
+def test_a_fit_point_whose_training_diverged_is_named_in_every_fit_of_it():
+    """A run that diverged late may still sit near the trend; its train.json says so, and
+    runs.parquet's ``diverged`` carries that to the fits."""
+    rows = synthetic_runs(GRID, noise=1e-3, seed=3)
+    rows["diverged"] = one_run(rows, "m", 20)
+    _, fits = fit.fit_table(rows, settings())
+    flagged = fits.drop_duplicates(["law", "form", "eval"])
+    assert (flagged["status"] == "implausible").all()
+    assert flagged["warnings"].str.contains("fit point m M=20 diverged in training").all()
+    rows["diverged"] = False
+    _, clean = fit.fit_table(rows, settings())
+    assert not clean["warnings"].fillna("").str.contains("diverged in training").any()
+
+
 def test_a_negative_irreducible_loss_and_a_wild_exponent_are_flagged():
     found = sanity.implausibility(
         np.array([-22654.0, 1.0, 1.0, 3.0]), ("E", "a", "b", "eta"), ("eta",), "E"

@@ -53,6 +53,13 @@ def test_outputs_have_the_documented_schema(finished_run):
     assert evals["error"] == {"offline"}
     assert runs["N"].dtype == "int64" and runs["D"].dtype == "int64"
     assert (runs["ci_low"] <= runs["value"]).all() and (runs["value"] <= runs["ci_high"]).all()
+    assert runs["diverged"].notna().all()  # every row carries its run's train.json
+    diverged = {
+        json.loads(summary.read_text())["run"]: json.loads(summary.read_text())["diverged"]
+        for summary in (results / "runs").glob("*/*/*/train.json")
+    }
+    for (dataset, size, multiplier), rows in runs.groupby(["dataset", "size", "M"]):
+        assert set(rows["diverged"]) == {diverged[f"{dataset}/{size}/M{multiplier:g}"]}
     n_runs = sum(len(ms) for sizes in config["grid"].values() for ms in sizes.values())
     assert runs.loc[runs["final"], ["size", "M"]].drop_duplicates().shape[0] == n_runs
     downstream = runs[runs["metric"] != "loss"]

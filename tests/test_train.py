@@ -30,7 +30,14 @@ from workflow.model import IGNORE_INDEX, TrainingObjective, build_model
 from workflow.resume import RESUME_FORMAT, spec_hash
 from workflow.runs import checkpoint_steps, count_parameters, ffn_hidden_size, trained_runs
 from workflow.settings import EngineSettings, RunSpec, engine_settings, run_spec
-from workflow.shards import TokenShards, read_batch, write_shards
+from workflow.shards import (
+    DATA_ORDERS,
+    TokenShards,
+    read_batch,
+    sequence_count,
+    spread_stride,
+    write_shards,
+)
 from workflow.step import Batch, StepSettings, learning_rate, make_optimizer, train_step
 from workflow.telemetry import divergence
 from workflow.train import Outputs, train
@@ -73,6 +80,7 @@ def make_spec(tokens: int, **overrides) -> RunSpec:
         grad_clip=1.0,
         seed=0,
         device="cpu",
+        data_order="spread",
     )
     return dataclasses.replace(spec, **overrides)
 
@@ -154,12 +162,9 @@ def train_command(
     ]
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 4])
-def test_batches_cover_exactly_the_first_d_tokens_in_order(data, world_size):
-    """Every process's targets, concatenated by step then rank, are stream ids 1..D once each,
-    inputs 0..D-1; with a short last step and sequence, which leaves the last ranks nothing."""
-    shards = TokenShards(data["tokens"])
-    tokens = 5 * TOKENS_PER_STEP + 3 * SHAPE["context_length"] + 5
+def read_run(shards: TokenShards, tokens: int, world_size: int, order: str):
+    """Every process's counted inputs and targets, by step then rank, and each process's
+    (sequences, targets) share of every step."""
     inputs, targets, shares = [], [], []
     for step in range(math.ceil(tokens / TOKENS_PER_STEP)):
         for rank in range(world_size):
@@ -170,19 +175,57 @@ def test_batches_cover_exactly_the_first_d_tokens_in_order(data, world_size):
                 SHAPE["context_length"],
                 tokens,
                 Processes(rank=rank, world_size=world_size),
+                order,
             )
             counted = step_targets != IGNORE_INDEX
             inputs.append(step_inputs[counted])
             targets.append(step_targets[counted])
             shares.append((len(step_inputs), int(counted.sum())))
         assert sum(share for _, share in shares[-world_size:]) == n_targets
+    return inputs, targets, shares
+
+
+@pytest.mark.parametrize("order", DATA_ORDERS)
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_batches_predict_exactly_d_targets_split_over_processes(data, world_size, order):
+    """Every process's targets, concatenated by step then rank, are D targets, each once: in
+    contiguous order stream ids 1..D (inputs 0..D-1); in spread order the order's first
+    ceil(D / T) sequences, the last cut short. With a short last step and sequence, which
+    leaves the last ranks nothing."""
+    shards = TokenShards(data["tokens"])
+    context = SHAPE["context_length"]
+    tokens = 5 * TOKENS_PER_STEP + 3 * context + 5
+    inputs, targets, shares = read_run(shards, tokens, world_size, order)
     # The last step: 3 full sequences and one of 5 tokens, split over the ranks in order;
     # a rank without a share gets one sequence with nothing to predict.
     expected_last = {1: [(4, 53)], 2: [(4, 53), (1, 0)], 4: [(2, 32), (2, 21), (1, 0), (1, 0)]}
     assert shares[-world_size:] == expected_last[world_size]
     stream = data["stream"]
-    np.testing.assert_array_equal(np.concatenate(inputs), stream[:tokens])
-    np.testing.assert_array_equal(np.concatenate(targets), stream[1 : tokens + 1])
+    inputs, targets = np.concatenate(inputs), np.concatenate(targets)
+    if order == "contiguous":
+        np.testing.assert_array_equal(inputs, stream[:tokens])
+        np.testing.assert_array_equal(targets, stream[1 : tokens + 1])
+        return
+    assert len(targets) == tokens
+    total = sequence_count(shards, context)
+    stride = spread_stride(total)
+    expected = [
+        stream[(index * stride % total) * context : (index * stride % total + 1) * context + 1]
+        for index in range(math.ceil(tokens / context))
+    ]
+    expected[-1] = expected[-1][: 5 + 1]
+    np.testing.assert_array_equal(inputs, np.concatenate([ids[:-1] for ids in expected]))
+    np.testing.assert_array_equal(targets, np.concatenate([ids[1:] for ids in expected]))
+
+
+@pytest.mark.parametrize("total", [1, 2, 6, 100, 6_249, 2**20])
+def test_the_spread_order_visits_every_sequence_once_far_from_the_last(total):
+    stride = spread_stride(total)
+    visited = np.arange(total, dtype=np.int64) * stride % total
+    assert np.array_equal(np.sort(visited), np.arange(total))
+    if total >= 100:  # consecutive sequences lie at least a third of the stream apart
+        gaps = np.abs(np.diff(visited))
+        assert np.minimum(gaps, total - gaps).min() >= total // 3
 
 
 def test_the_shard_module_imports_no_torch():

@@ -3,7 +3,9 @@
 Loss evaluations are one row each; a downstream summary gives one accuracy row per task and
 the suite's average-error row, named after the suite (see ``workflow.downstream``). A task's
 ``chance`` is its summary's (a uniform guess's accuracy); the average's is the mean of its
-tasks' errors at chance, 1 - chance, or null where a task's is unknown.
+tasks' errors at chance, 1 - chance, or null where a task's is unknown. Every row of a run
+carries its training summary's ``diverged`` (``workflow.telemetry``), so a fit can name a
+diverged fit point.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from workflow.runs import format_multiplier
 from workflow.tables import RUNS_OPTIONAL, RUNS_SCHEMA, write_runs_table
 
 
@@ -66,16 +69,37 @@ def summary_rows(summary: dict) -> list[dict]:
     return rows
 
 
+def run_key(record: dict) -> str:
+    """The run a row belongs to, as its training summary names it (``workflow.runs.Run.key``)."""
+    return f"{record['dataset']}/{record['size']}/M{format_multiplier(record['M'])}"
+
+
+def divergence_by_run(training_files: Sequence[str | Path]) -> dict[str, bool]:
+    """Each training summary's run -> whether it diverged."""
+    found = {}
+    for path in training_files:
+        summary = json.loads(Path(path).read_text())
+        if "run" not in summary or "diverged" not in summary:
+            raise AggregateError(f"{path} is not a training summary (no 'run' or 'diverged')")
+        found[summary["run"]] = bool(summary["diverged"])
+    return found
+
+
 def aggregate(
     evaluation_files: Sequence[str | Path],
     out: str | Path,
     downstream_files: Sequence[str | Path] = (),
+    training_files: Sequence[str | Path] = (),
 ) -> pd.DataFrame:
-    """Read the loss JSONs (each one row of RUNS_SCHEMA) and the downstream summaries, and
-    write runs.parquet."""
+    """Read the loss JSONs (each one row of RUNS_SCHEMA) and the downstream summaries, mark
+    each row with its run's ``diverged`` from the training summaries (null for a run with
+    none), and write runs.parquet."""
     records = [_checked(json.loads(Path(path).read_text()), path) for path in evaluation_files]
     for path in downstream_files:
         records += [_checked(row, path) for row in summary_rows(json.loads(Path(path).read_text()))]
+    diverged = divergence_by_run(training_files)
+    for record in records:
+        record["diverged"] = diverged.get(run_key(record))
     return write_runs_table(records, out)
 
 
@@ -83,13 +107,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="runs.parquet to write")
     parser.add_argument("--downstream", nargs="*", default=[], help="downstream summary JSON files")
+    parser.add_argument(
+        "--training", nargs="*", default=[], help="the runs' training summaries (train.json)"
+    )
     parser.add_argument("evaluations", nargs="+", help="loss evaluation JSON files")
     args = parser.parse_args(argv)
     try:
-        frame = aggregate(args.evaluations, args.out, args.downstream)
+        frame = aggregate(args.evaluations, args.out, args.downstream, args.training)
     except AggregateError as error:
         sys.exit(f"aggregate: {error}")
-    files = len(args.evaluations) + len(args.downstream)
+    files = len(args.evaluations) + len(args.downstream) + len(args.training)
     print(f"wrote {len(frame)} rows from {files} files to {args.out}")
 
 

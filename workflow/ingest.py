@@ -7,8 +7,8 @@ are read, and both end as the long layout the fit stage reads (``workflow.tables
   ``N``, ``D``, ``metric`` (loss, accuracy or error), ``eval`` and ``value`` are required;
   ``size`` (default: a name derived from N), ``M`` (D / N), ``tokens`` (D), ``step``,
   ``final`` (the row of a run with the most tokens), ``ci_low``, ``ci_high``,
-  ``n_examples`` and ``chance`` (a task's accuracy at chance, an average's error at chance)
-  are optional.
+  ``n_examples``, ``chance`` (a task's accuracy at chance, an average's error at chance)
+  and ``diverged`` (whether the run's training diverged) are optional.
 - wide: one row per run or checkpoint and one column per evaluation, read through the
   config's ``columns`` mapping (which column holds N, D or tokens, which hold losses,
   accuracies or error averages). Accuracies also give their average error under
@@ -37,7 +37,8 @@ from workflow.tables import write_runs_table
 METRICS = ("loss", "accuracy", "error")
 LONG_REQUIRED = ("dataset", "N", "D", "metric", "eval", "value")
 LONG_OPTIONAL = (
-    "size", "M", "tokens", "step", "final", "ci_low", "ci_high", "n_examples", "chance"
+    "size", "M", "tokens", "step", "final", "ci_low", "ci_high", "n_examples", "chance",
+    "diverged",
 )  # fmt: skip
 # Rows are numbered as a reader of the file counts them: the first data row is row 1.
 FIRST_ROW = 1
@@ -171,6 +172,9 @@ def normalise(frame: pd.DataFrame, source: str) -> pd.DataFrame:
         table[column] = pd.to_numeric(frame[column]) if column in frame else np.nan
     table["n_examples"] = pd.array(
         frame["n_examples"] if "n_examples" in frame else [None] * len(frame), "Int64"
+    )
+    table["diverged"] = pd.array(
+        frame["diverged"] if "diverged" in frame else [None] * len(frame), "boolean"
     )
     _check_runs(table, source)
     if "final" in frame:

@@ -95,6 +95,14 @@ class LadderMeasurements:
         )
         if "chance" not in final:
             final = final.assign(chance=np.nan)
+        if "diverged" not in final:
+            final = final.assign(diverged=pd.NA)
+        diverged = final["diverged"].astype("boolean").fillna(False)
+        table = table.merge(
+            diverged.groupby([final["size"], final["M"]]).any().rename("diverged").reset_index(),
+            on=["size", "M"],
+            how="left",
+        )
         columns = ["size", "M", "value", "ci_low", "ci_high", "n_examples", "chance"]
         measured = {
             key: table.merge(rows[columns], how="left")

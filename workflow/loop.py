@@ -24,7 +24,7 @@ from workflow.distributed import PARALLELISMS, Communication, Processes, any_pro
 from workflow.errors import TrainError
 from workflow.resume import StopSignals, save_resume_state
 from workflow.settings import EngineSettings, RunSpec, TrunkSpec
-from workflow.shards import TokenShards, read_batch
+from workflow.shards import TokenShards, read_batch, tokens_needed
 from workflow.step import Batch, Trainer, train_step
 from workflow.telemetry import Progress, curve_row, format_row, log
 
@@ -68,12 +68,13 @@ def check_data(
     """Refuse, before building anything, a run or trunk of ``tokens`` whose numbers do not
     add up: too little data, a larger vocabulary than the model's, an uneven batch split."""
     name = spec.run
-    needed = tokens + 1
+    needed = tokens_needed(tokens, spec.shape["context_length"], spec.data_order)
     if shards.n_tokens < needed:
         raise TrainError(
             f"{name}: needs {needed:,} tokens of {shards.directory} (D = {tokens:,} "
-            f"targets plus the first input) but it holds {shards.n_tokens:,}; short by "
-            f"{needed - shards.n_tokens:,}. Train on more data or lower the multiplier."
+            f"targets in whole sequences, plus the first input) but it holds "
+            f"{shards.n_tokens:,}; short by {needed - shards.n_tokens:,}. Train on more data or "
+            "lower the multiplier."
         )
     if shards.vocab_size > spec.shape["vocab_size"]:
         raise TrainError(
@@ -107,7 +108,13 @@ def advance(
     context_length = spec.shape["context_length"]
     while progress.step < until:
         inputs, targets, n_targets = read_batch(
-            loop.shards, progress.step, spec.batch_size, context_length, loop.tokens, processes
+            loop.shards,
+            progress.step,
+            spec.batch_size,
+            context_length,
+            loop.tokens,
+            processes,
+            spec.data_order,
         )
         batch = Batch(to_device(inputs, loop.device), to_device(targets, loop.device), n_targets)
         lr = learning_rate(progress.step + 1)

@@ -36,7 +36,7 @@ def uncalibrated_tables(
         [target for target in settings.extra_targets if target["dataset"] == dataset],
         columns=["size", "N", "M", "D"],
     )
-    targets = pd.concat([table, untrained[table.columns]], ignore_index=True)
+    targets = pd.concat([table[untrained.columns], untrained], ignore_index=True)
     padding = np.zeros(len(untrained), dtype=bool)
     roles = {
         quantity: np.concatenate([points, padding]) for quantity, points in ladder.points.items()

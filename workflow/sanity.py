@@ -193,10 +193,15 @@ def judge(
     targets: tuple[tuple[np.ndarray, np.ndarray], list[str]] | None,
 ) -> list[str]:
     """Why a converged fit makes no sense (this module's checks), in words; empty when it does.
-    Every fit's parameters are judged; a loss or error-average fit's points too (one far off
-    the others' trend), a loss form's targets, and an error average's points' spread. A task's
-    accuracy is noisier than any of these thresholds assume: only its parameters."""
+    Every fit's parameters and its points' training (a diverged run) are judged; a loss or
+    error-average fit's points too (one far off the others' trend), a loss form's targets, and
+    an error average's points' spread. A task's accuracy is noisier than any of these thresholds
+    assume: only its parameters and its points' training."""
     found = implausibility(params, form.params, form.exponents, form.irreducible)
+    found += [
+        f"fit point {measurements.label(index)} diverged in training (its train.json)"
+        for index in np.flatnonzero(points & measurements.table["diverged"].to_numpy(bool))
+    ]
     if metric == ACCURACY or not np.all(np.isfinite(params)):
         return found
     values = measurements.fitted_value(metric, eval_name)[points]

@@ -149,6 +149,7 @@ class Recipe(JsonSettings):
     grad_clip: float
     seed: int
     device: str
+    data_order: str
 
     @property
     def tokens_per_step(self) -> int:
@@ -173,7 +174,7 @@ class RunSpec(Recipe):
 
 # The settings of a size and of ``train`` that a run and its trunk (train.schedule: wsd) share.
 RECIPE_SIZE_KEYS = ("batch_size", "micro_batch_size", "lr", "warmup", "weight_decay")
-RECIPE_TRAIN_KEYS = ("z_loss", "beta1", "beta2", "grad_clip", "seed", "device")
+RECIPE_TRAIN_KEYS = ("z_loss", "beta1", "beta2", "grad_clip", "seed", "device", "data_order")
 
 
 def recipe(config: dict, size: str) -> dict[str, Any]:

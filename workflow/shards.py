@@ -5,6 +5,17 @@ A shard directory holds raw little-endian arrays (``00000.bin``, ``00001.bin``, 
 stream without loading it into memory, so a corpus can be far larger than RAM. Writing
 our own 30-line format is simpler than any library format for "a flat array of ids".
 
+The stream is cut into sequences of the context length, and training takes them in one of two
+orders (``train.data_order``). ``spread`` (the default) takes sequence ``i`` from position
+``(i * stride) mod n`` of the stream's ``n`` sequences, ``stride`` near ``n`` over the golden
+ratio and sharing no factor with ``n``: a permutation in which consecutive sequences, and so a
+step's batch, come from far-apart documents, as a shuffled loader's would, computed in O(1)
+with no index to store. ``contiguous`` takes them in stream order, so a step's batch is a few
+consecutive documents; on a corpus of long documents (the default's) that makes the loss curve
+follow the documents and the final loss depend on the last few read, which is why it is not
+the default (it reproduces runs of the pipeline before ``data_order`` existed). Either way a
+run of D tokens trains on the order's first D, and a longer run on the same ones and more.
+
 This module imports no torch: the tokenize stage writes shards in an environment without it.
 """
 
@@ -25,6 +36,8 @@ if TYPE_CHECKING:
     from workflow.distributed import Processes
 
 META_FILE = "meta.json"
+DATA_ORDERS = ("spread", "contiguous")
+GOLDEN_RATIO = (1 + math.sqrt(5)) / 2
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -142,6 +155,30 @@ class TokenShards:
         return np.concatenate(pieces).astype(np.int64)
 
 
+def spread_stride(n_sequences: int) -> int:
+    """The stride of the spread order over ``n_sequences``: the integer nearest
+    ``n_sequences`` over the golden ratio that shares no factor with it, so that
+    ``i -> i * stride mod n_sequences`` visits every sequence once, far from the last."""
+    stride = max(1, round(n_sequences / GOLDEN_RATIO))
+    while math.gcd(stride, n_sequences) != 1:
+        stride += 1
+    return stride
+
+
+def sequence_count(shards: TokenShards, context_length: int) -> int:
+    """Sequences of ``context_length`` targets the stream holds (each also reads the id before
+    its first target)."""
+    return max(0, (shards.n_tokens - 1) // context_length)
+
+
+def tokens_needed(tokens: int, context_length: int, order: str) -> int:
+    """Stream ids a run of ``tokens`` targets reads in ``order``: contiguous, D + 1; spread,
+    whole sequences, so the stream must hold ceil(D / T) of them."""
+    if order == "contiguous":
+        return tokens + 1
+    return math.ceil(tokens / context_length) * context_length + 1
+
+
 def read_batch(
     shards: TokenShards,
     step_index: int,
@@ -149,20 +186,25 @@ def read_batch(
     context_length: int,
     tokens: int,
     processes: Processes,
+    order: str,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """This process's inputs and targets ((sequences, T) int64) of 0-based step ``step_index``,
     and the step's target count over all processes.
 
-    The step predicts stream ids ``start+1 .. start+n`` with ``start = step_index*B*T``, as
-    B sequences of T; process r of W takes sequences ``[r*B/W, (r+1)*B/W)``, so the shares are
-    disjoint and together exactly the step. In a short last step the unused positions of the
-    last sequence get input 0 and target IGNORE_INDEX (causal attention keeps them from
-    affecting the real positions); a process left with no sequence gets one of those only,
-    which adds nothing to the gradient but lets it take part in the all-reduce.
+    The step predicts the targets of sequences ``step_index*B .. step_index*B + B - 1`` of the
+    ``order`` (the module's docstring), the last of a run cut short so that it predicts exactly
+    D; in contiguous order these are stream ids ``start+1 .. start+n`` with
+    ``start = step_index*B*T``. Process r of W takes sequences ``[r*B/W, (r+1)*B/W)``, so the
+    shares are disjoint and together exactly the step. In a short last step the unused
+    positions of the last sequence get input 0 and target IGNORE_INDEX (causal attention keeps
+    them from affecting the real positions); a process left with no sequence gets one of those
+    only, which adds nothing to the gradient but lets it take part in the all-reduce.
     """
     # The model's module imports torch, which only the trainer has by the time it calls this.
     from workflow.model import IGNORE_INDEX
 
+    if order not in DATA_ORDERS:
+        raise ValueError(f"data order {order!r} is not one of {DATA_ORDERS}")
     tokens_per_step = batch_size * context_length
     start = step_index * tokens_per_step
     n_targets = min(tokens_per_step, tokens - start)
@@ -172,9 +214,25 @@ def read_batch(
     n_sequences = max(1, math.ceil(n_local / context_length))
     inputs = np.zeros(n_sequences * context_length, dtype=np.int64)
     targets = np.full(n_sequences * context_length, IGNORE_INDEX, dtype=np.int64)
-    if n_local:
+    if n_local and order == "contiguous":
         ids = shards.read(start + offset, n_local + 1)
         inputs[:n_local] = ids[:-1]
         targets[:n_local] = ids[1:]
+    elif n_local:
+        total = sequence_count(shards, context_length)
+        stride = spread_stride(total)
+        first = (start + offset) // context_length
+        for index in range(n_sequences):
+            length = min(context_length, n_local - index * context_length)
+            if first + index >= total:
+                raise IndexError(
+                    f"sequence {first + index} is beyond the {total} sequences of "
+                    f"{context_length} tokens in {shards.directory}"
+                )
+            position = (first + index) * stride % total * context_length
+            ids = shards.read(position, length + 1)
+            here = index * context_length
+            inputs[here : here + length] = ids[:-1]
+            targets[here : here + length] = ids[1:]
     shape = (n_sequences, context_length)
     return inputs.reshape(shape), targets.reshape(shape), n_targets

@@ -35,10 +35,13 @@ RUNS_SCHEMA = pa.schema(
         pa.field("ci_high", pa.float64()),
         pa.field("n_examples", pa.int64()),
         pa.field("chance", pa.float64()),
+        # Whether the run's training diverged (its train.json); null for results measured
+        # elsewhere that do not say.
+        pa.field("diverged", pa.bool_()),
     ]
 )
 # Columns a runs.parquet written before them may lack: read as null.
-RUNS_OPTIONAL = ("chance",)
+RUNS_OPTIONAL = ("chance", "diverged")
 SORT_KEYS = ["dataset", "N", "M", "tokens", "metric", "eval"]
 
 PREDICTIONS_SCHEMA = pa.schema(

@@ -7,7 +7,7 @@ the loop and saves, in that order, as nanoGPT's train.py does.
 
 Under ``torchrun`` the run is data-parallel (``workflow.distributed``): each process reads a
 disjoint slice of every global batch, gradients are summed, and only rank 0 logs and writes.
-Exactly D ids are predicted, each once, in stream order (``workflow.shards.read_batch``), so a
+Exactly D ids are predicted, each once, in the spec's data order (``workflow.shards``), so a
 step's data is a function of its number: that makes resuming exact (``workflow.resume``).
 While training, the work folder holds the checkpoints so far, the resume state and a lock
 that keeps a second trainer of the run out; the checkpoints, the curve and the summary
