@@ -1,0 +1,158 @@
+"""What anyone gets from the embedded default: run it under several seeds and thread counts, and
+print the README's seed table.
+
+Each run is the default exactly as a user runs it (``snakemake --cores C``), from a fresh
+results folder, with only ``train.seed`` (and, for the perturbation, ``train.threads``) set on
+the command line. Training on a CPU is deterministic on one machine but rounds differently on
+another, so a number worth printing is a median with its spread: the thread-count run changes
+the order of floating-point reductions the way another CPU does.
+
+    python benchmarks/default_seeds.py --out seeds --seeds 0 1 2 --threads 2
+
+takes about 16 minutes a run on 2 cores. ``--summarize`` re-reads the folders of an earlier
+call. It prints, per run of the grid, the final in-distribution validation loss under each
+seed, their spread (max - min, as % of the median), the thread-count run's distance from seed
+0, and how far the training curve's last 20% rises above its lowest point; per target, the
+relative error of each prediction (median and range over seeds) and whether the 95% interval
+held the actual; and each run's wall time with the job time per stage from
+``results/benchmarks/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+# The share of a run's training steps whose curve is checked for rises (issue: "the last 20%").
+TAIL = 0.2
+
+
+def run_default(folder: Path, seed: int, threads: int | None, cores: int) -> float:
+    """One run of the default into ``folder``; its wall time in seconds."""
+    settings = [f"results_dir={folder}", f"train={json.dumps(train_settings(seed, threads))}"]
+    started = time.perf_counter()
+    subprocess.run(
+        ["snakemake", "--cores", str(cores), "--quiet", "--config", *settings],
+        cwd=REPO,
+        check=True,
+    )
+    wall = time.perf_counter() - started
+    (folder / "wall_s.txt").write_text(f"{wall:.1f}\n")
+    return wall
+
+
+def train_settings(seed: int, threads: int | None) -> dict:
+    """The default's ``train`` section with ``seed`` (and ``threads``) replaced: ``--config``
+    replaces a whole top-level key."""
+    train = dict(yaml.safe_load((REPO / "config.yaml").read_text())["train"])
+    train["seed"] = seed
+    if threads is not None:
+        train["threads"] = threads
+    return train
+
+
+def tail_rise(curve: pd.DataFrame) -> float:
+    """How far the curve's last TAIL of steps rises above its lowest point so far, as a
+    fraction of that point."""
+    last = curve[curve["step"] > (1 - TAIL) * curve["step"].max()]["loss"].to_numpy()
+    lowest = np.minimum.accumulate(last)
+    return float(np.max((last - lowest) / lowest))
+
+
+def final_losses(folder: Path, eval_name: str) -> pd.DataFrame:
+    runs = pd.read_parquet(folder / "runs.parquet")
+    final = runs[runs["final"] & (runs["metric"] == "loss") & (runs["eval"] == eval_name)]
+    return final.set_index(["size", "M"])["value"]
+
+
+def curve_rises(folder: Path) -> pd.Series:
+    rises = {}
+    for path in sorted((folder / "runs").glob("*/*/M*/curve.parquet")):
+        size, multiplier = path.parent.parent.name, float(path.parent.name[1:])
+        rises[(size, multiplier)] = tail_rise(pd.read_parquet(path))
+    return pd.Series(rises)
+
+
+def stage_times(folder: Path) -> pd.Series:
+    """Job seconds per stage (the first folder under benchmarks/, or the file's name)."""
+    seconds: dict[str, float] = {}
+    for path in (folder / "benchmarks").rglob("*.tsv"):
+        stage = path.relative_to(folder / "benchmarks").parts[0].removesuffix(".tsv")
+        seconds[stage] = seconds.get(stage, 0.0) + float(pd.read_csv(path, sep="\t")["s"].iloc[0])
+    return pd.Series(seconds).sort_values(ascending=False)
+
+
+def summarize(folders: dict[str, Path], eval_name: str) -> str:
+    seeds = {name: folder for name, folder in folders.items() if name.startswith("seed")}
+    losses = pd.DataFrame({name: final_losses(path, eval_name) for name, path in folders.items()})
+    seed_losses = losses[list(seeds)]
+    table = seed_losses.round(4)
+    spread = seed_losses.max(axis=1) - seed_losses.min(axis=1)
+    table["spread %"] = 100 * spread / seed_losses.median(axis=1)
+    for name in folders:
+        if name.startswith("threads"):
+            table[f"{name} vs seed-0 %"] = (
+                100 * (losses[name] - losses["seed-0"]).abs() / losses["seed-0"]
+            )
+    rises = pd.DataFrame({name: curve_rises(folder) for name, folder in folders.items()})
+    table["largest tail rise %"] = 100 * rises.max(axis=1)
+    lines = [f"## Final {eval_name} loss per run", "", table.round(3).to_markdown(), ""]
+
+    predictions = []
+    for name, folder in seeds.items():
+        frame = pd.read_parquet(folder / "predictions.parquet")
+        predictions.append(frame[frame["role"] == "target"].assign(seed=name))
+    targets = pd.concat(predictions)
+    grouped = targets.groupby(["form", "quantity", "eval", "size", "M"])
+    errors = grouped["relative_error"].agg(["median", "min", "max"]) * 100
+    errors["inside"] = grouped["inside"].agg(lambda inside: f"{int(inside.sum())}/{len(inside)}")
+    errors["C / largest fit C"] = grouped["C"].first() / fit_compute(targets, seeds)
+    lines += ["## Targets: relative error % over seeds", "", errors.round(2).to_markdown(), ""]
+
+    walls = {name: float((folder / "wall_s.txt").read_text()) for name, folder in folders.items()}
+    stages = pd.DataFrame({name: stage_times(folder) for name, folder in folders.items()})
+    stages.loc["wall (snakemake)"] = pd.Series(walls)
+    lines += ["## Seconds: wall time and job time per stage", "", stages.round(0).to_markdown()]
+    return "\n".join(lines)
+
+
+def fit_compute(targets: pd.DataFrame, seeds: dict[str, Path]) -> float:
+    """The largest compute among the loss law's fit points (the same in every seed)."""
+    frame = pd.read_parquet(next(iter(seeds.values())) / "predictions.parquet")
+    return float(frame[(frame["role"] == "fit") & (frame["quantity"] == "loss")]["C"].max())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder of the runs' results")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--threads", type=int, nargs="*", default=[2], help="thread counts to run seed 0 under"
+    )
+    parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--eval", default="docs_en", help="the in-distribution validation set")
+    parser.add_argument("--summarize", action="store_true", help="only re-read the folders")
+    args = parser.parse_args(argv)
+    out = args.out.resolve()
+    folders = {f"seed-{seed}": out / f"seed-{seed}" for seed in args.seeds}
+    folders |= {f"threads-{count}": out / f"threads-{count}" for count in args.threads}
+    if not args.summarize:
+        for name, folder in folders.items():
+            seed = int(name.split("-")[1]) if name.startswith("seed") else 0
+            threads = int(name.split("-")[1]) if name.startswith("threads") else None
+            wall = run_default(folder, seed, threads, args.cores)
+            print(f"{name}: {wall:.0f} s", file=sys.stderr, flush=True)
+    print(summarize(folders, args.eval))
+
+
+if __name__ == "__main__":
+    main()
