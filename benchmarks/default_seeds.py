@@ -49,7 +49,15 @@ def run_default(folder: Path, seed: int, threads: int | None, cores: int) -> flo
     configfile.write_text(yaml.safe_dump(config, sort_keys=False))
     started = time.perf_counter()
     subprocess.run(
-        ["snakemake", "--cores", str(cores), "--quiet", "--configfile", str(configfile)],
+        [
+            "snakemake",
+            "--cores",
+            str(cores),
+            "--quiet",
+            "--rerun-incomplete",
+            "--configfile",
+            str(configfile),
+        ],
         cwd=REPO,
         check=True,
     )

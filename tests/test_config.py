@@ -18,7 +18,7 @@ from workflow.config import (
     unusual_cost,
     validate_config,
 )
-from workflow.runs import count_parameters, ffn_hidden_size, trained_runs
+from workflow.runs import count_parameters, ffn_hidden_size, size_parameters, trained_runs
 
 
 def test_default_and_tiny_configs_are_valid(default_config, tiny_config):
@@ -197,3 +197,15 @@ def test_config_check_command_reports_what_a_valid_config_trains():
     )
     runs = trained_runs(validate_config(load_config_file(REPO / "config.yaml")))
     assert result.stdout.startswith(f"config.yaml: valid; {len(runs)} runs to train")
+
+
+def test_the_defaults_warmup_lasts_about_as_many_tokens_as_the_model_has_parameters(
+    default_config,
+):
+    """config.yaml's rule (Porian et al. 2024): warmup = ceil(N / tokens per step) steps, so a
+    size added or reshaped without its warmup is caught."""
+    config = validate_config(default_config)
+    for size, settings in config["sizes"].items():
+        tokens_per_step = settings["batch_size"] * settings["context_length"]
+        expected = -(-size_parameters(config, size) // tokens_per_step)
+        assert settings["warmup"] == expected, (size, settings["warmup"], expected)
