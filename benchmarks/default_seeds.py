@@ -13,10 +13,9 @@ takes about 16 minutes a run on 2 cores. ``--summarize`` re-reads the folders of
 call. It prints, per run of the grid, the final in-distribution validation loss under each
 seed, their spread (max - min, as % of the median), the thread-count run's distance from seed
 0, and how far the training curve's last 20% rises above its lowest point (row by row, and
-averaged over 5% of the run's tokens); per target, the
-relative error of each prediction (median and range over seeds) and whether the 95% interval
-held the actual; and each run's wall time with the job time per stage from
-``results/benchmarks/``.
+averaged over 5% of the run's tokens); per target, the relative error of each loss and
+error-average prediction (median and range over seeds) and whether the 95% interval held the
+actual; and each run's wall time with the job time per stage from ``results/benchmarks/``.
 """
 
 from __future__ import annotations
@@ -129,7 +128,8 @@ def summarize(folders: dict[str, Path], eval_name: str) -> str:
     predictions = []
     for name, folder in seeds.items():
         frame = pd.read_parquet(folder / "predictions.parquet")
-        predictions.append(frame[frame["role"] == "target"].assign(seed=name))
+        targets = frame[(frame["role"] == "target") & frame["quantity"].isin(["loss", "error"])]
+        predictions.append(targets.assign(seed=name))
     targets = pd.concat(predictions)
     grouped = targets.groupby(["form", "quantity", "eval", "size", "M"])
     errors = grouped["relative_error"].agg(["median", "min", "max"]) * 100
