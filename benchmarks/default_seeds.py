@@ -153,7 +153,7 @@ def fit_compute(targets: pd.DataFrame, seeds: dict[str, Path]) -> float:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder of the runs' results")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument(
         "--threads", type=int, nargs="*", default=[2], help="thread counts to run seed 0 under"
     )
