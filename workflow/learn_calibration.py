@@ -78,13 +78,17 @@ STARTS = (
 
 
 def layout_predictions(runs: pd.DataFrame, settings: FitSettings) -> pd.DataFrame:
-    """Every dataset's uncalibrated predictions under each layout (column ``layout``)."""
+    """Every dataset's uncalibrated predictions under each layout (column ``layout``): the
+    paper's layout predicts everything (leave-one-dataset-out reports it all), the others only
+    the losses the constants are learned from, which saves refitting every downstream law."""
     final = runs[runs["final"].astype(bool)]
+    losses = final[final["metric"] == "loss"]
     frames = []
     for layout, points in LAYOUTS.items():
         error_points = PAPER_ERROR_POINTS if layout == PAPER else points
         layout_settings = replace(settings, loss_points=points, error_points=error_points)
-        for dataset, rows in final.groupby("dataset"):
+        measured = final if layout == PAPER else losses
+        for dataset, rows in measured.groupby("dataset"):
             with contextlib.redirect_stdout(io.StringIO()):
                 predicted = uncalibrated_predictions(dataset, rows, layout_settings)
             frames.append(predicted.assign(layout=layout))
