@@ -347,13 +347,14 @@ def test_a_run_whose_loss_turns_non_finite_stops_naming_the_step(data, tmp_path,
 
 
 def test_a_run_whose_loss_rises_late_is_marked_diverged(data, tmp_path, capfd):  # noqa: F811
-    """The last 40% of the stream is random ids: the loss climbs from its low to ln(256)
-    and beyond. The run finishes, says DIVERGED in its log and in its summary."""
+    """The last 40% of the stream is random ids, read last (in stream order): the loss climbs
+    from its low to ln(256) and beyond. The run finishes, says DIVERGED in its log and in its
+    summary."""
     stream = data["stream"].copy()
     cut = 60 * TOKENS_PER_STEP
     stream[cut:] = np.random.default_rng(1).integers(0, 256, stream.size - cut)
     write_shards(tmp_path / "tokens", [stream], vocab_size=256, eot_id=1)
-    spec = make_spec(100 * TOKENS_PER_STEP)
+    spec = make_spec(100 * TOKENS_PER_STEP, data_order="contiguous")
     summary = run_train(spec, {**data, "tokens": tmp_path / "tokens"}, tmp_path / "run")
     written = json.loads((tmp_path / "run" / "train.json").read_text())
     assert written["diverged"] is True
