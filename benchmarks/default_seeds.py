@@ -3,9 +3,9 @@ print the README's seed table.
 
 Each run is the default exactly as a user runs it (``snakemake --cores C``), from a fresh
 results folder, with only ``train.seed`` (and, for the perturbation, ``train.threads``)
-changed in a copy of config.yaml. Training on a CPU is deterministic on one machine but rounds differently on
-another, so a number worth printing is a median with its spread: the thread-count run changes
-the order of floating-point reductions the way another CPU does.
+changed in a copy of config.yaml. Training on a CPU is deterministic on one machine but rounds
+differently on another, so a number worth printing is a median with its spread: the
+thread-count run changes the order of floating-point reductions the way another CPU does.
 
     python benchmarks/default_seeds.py --out seeds --seeds 0 1 2 --threads 2
 
