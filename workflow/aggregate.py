@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from workflow.runs import format_multiplier
+from workflow.runs import run_key
 from workflow.tables import RUNS_OPTIONAL, RUNS_SCHEMA, write_runs_table
 
 
@@ -69,11 +69,6 @@ def summary_rows(summary: dict) -> list[dict]:
     return rows
 
 
-def run_key(record: dict) -> str:
-    """The run a row belongs to, as its training summary names it (``workflow.runs.Run.key``)."""
-    return f"{record['dataset']}/{record['size']}/M{format_multiplier(record['M'])}"
-
-
 def divergence_by_run(training_files: Sequence[str | Path]) -> dict[str, bool]:
     """Each training summary's run -> whether it diverged."""
     found = {}
@@ -99,7 +94,7 @@ def aggregate(
         records += [_checked(row, path) for row in summary_rows(json.loads(Path(path).read_text()))]
     diverged = divergence_by_run(training_files)
     for record in records:
-        record["diverged"] = diverged.get(run_key(record))
+        record["diverged"] = diverged.get(run_key(record["dataset"], record["size"], record["M"]))
     return write_runs_table(records, out)
 
 

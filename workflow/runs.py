@@ -35,6 +35,12 @@ def format_multiplier(multiplier: float) -> str:
     return str(int(multiplier)) if float(multiplier).is_integer() else repr(float(multiplier))
 
 
+def run_key(dataset: str, size: str, multiplier: float) -> str:
+    """A run's key and relative path, ``{dataset}/{size}/M{multiplier}``, as its training
+    summary names it."""
+    return f"{dataset}/{size}/M{format_multiplier(multiplier)}"
+
+
 @dataclass(frozen=True)
 class Run:
     """One training run: a model size trained on ``tokens`` = M x N tokens of one dataset."""
@@ -62,7 +68,7 @@ class Run:
     @property
     def key(self) -> str:
         """The run's relative path: ``{dataset}/{size}/M{multiplier}``."""
-        return f"{self.dataset}/{self.size}/M{format_multiplier(self.multiplier)}"
+        return run_key(self.dataset, self.size, self.multiplier)
 
     @property
     def trunk_key(self) -> str:
