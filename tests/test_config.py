@@ -200,13 +200,13 @@ def test_config_check_command_reports_what_a_valid_config_trains():
     assert result.stdout.startswith(f"config.yaml: valid; {len(runs)} runs to train")
 
 
-def test_the_defaults_warmup_lasts_about_as_many_tokens_as_the_model_has_parameters(
+def test_the_defaults_warmup_lasts_about_twice_as_many_tokens_as_the_model_has_parameters(
     default_config,
 ):
-    """config.yaml's rule (Porian et al. 2024): warmup = ceil(N / tokens per step) steps, so a
-    size added or reshaped without its warmup is caught."""
+    """config.yaml's rule (after Porian et al. 2024): warmup = ceil(2N / tokens per step)
+    steps, so a size added or reshaped without its warmup is caught."""
     config = validate_config(default_config)
     for size, settings in config["sizes"].items():
         tokens_per_step = settings["batch_size"] * settings["context_length"]
-        expected = -(-size_parameters(config, size) // tokens_per_step)
+        expected = -(-2 * size_parameters(config, size) // tokens_per_step)
         assert settings["warmup"] == expected, (size, settings["warmup"], expected)
