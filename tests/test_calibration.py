@@ -9,10 +9,12 @@ import matplotlib.image
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.stats import norm
 from test_released import exp_data
 
 from workflow.calibration import CONSTANTS, calibrate_table, calibrated_interval
 from workflow.calibration_view import draw, panels
+from workflow.learn_calibration import coverage_and_ratio, goal_scales, shared_goal_scales
 from workflow.learn_calibration import main as learn_main
 
 
@@ -124,6 +126,63 @@ def test_the_calibration_view_draws_a_panel_per_quantity(tmp_path):
     assert width > 1.5 * height
 
 
+def calibrated_normal_targets(sd: float = 0.01, count: int = 10_000) -> pd.DataFrame:
+    """Targets whose log misses are exactly normal quantiles of ``sd``, each with the 95%
+    interval of that sd: a perfectly calibrated set."""
+    misses = norm.ppf((np.arange(count) + 0.5) / count) * sd
+    predicted = np.full(count, 3.0)
+    return pd.DataFrame(
+        {
+            "predicted": predicted,
+            "actual": predicted * np.exp(misses),
+            "ci_low": predicted * np.exp(-1.96 * sd),
+            "ci_high": predicted * np.exp(1.96 * sd),
+        }
+    )
+
+
+def test_a_calibrated_normal_error_covers_95_percent_at_about_5_8_times_its_median_error():
+    covered, ratio = coverage_and_ratio(calibrated_normal_targets())
+    assert covered == pytest.approx(0.95, abs=0.002)
+    assert ratio == pytest.approx(5.81, abs=0.05)
+    # half as wide: the intervals of sd / 2
+    covered, ratio = coverage_and_ratio(calibrated_normal_targets(), scale=0.5)
+    assert covered == pytest.approx(0.673, abs=0.003)
+    assert ratio == pytest.approx(2.91, abs=0.03)
+
+
+def test_goal_scales_span_85_percent_coverage_to_99_percent_or_8x_the_error():
+    """For a calibrated normal error, 85% coverage needs z = 1.44 (scale 1.44 / 1.96) and 99%
+    is reached at z = 2.58 (1.31), before the width reaches 8x the median error (1.38)."""
+    low, high = goal_scales(calibrated_normal_targets())
+    assert low == pytest.approx(norm.ppf(0.925) / 1.96, abs=0.011)
+    assert high == pytest.approx(norm.ppf(0.995) / 1.96, abs=0.011)
+    # where half the misses are twice as small, the median error is what limits the width
+    targets = calibrated_normal_targets()
+    small = targets.index % 2 == 0
+    targets.loc[small, "actual"] = (
+        targets["predicted"] * (targets["actual"] / targets["predicted"]) ** 0.5
+    )
+    low, high = goal_scales(targets)
+    assert high < norm.ppf(0.995) / 1.96 - 0.05
+    assert coverage_and_ratio(targets, high)[1] <= 8 < coverage_and_ratio(targets, high + 0.01)[1]
+
+
+def test_datasets_whose_goal_scales_do_not_overlap_cannot_share_one_scale():
+    table = pd.DataFrame(
+        {
+            "form": ["paper"] * 4,
+            "targets": ["every loss", "every loss", "error averages", "error averages"],
+            "goal scale low": [0.7, 0.8, 0.8, 0.5],
+            "goal scale high": [1.2, 1.0, 1.0, 0.7],
+        }
+    )
+    shared = shared_goal_scales(table).set_index("targets")
+    assert shared.loc["every loss", ["low", "high"]].tolist() == [0.8, 1.0]
+    assert bool(shared.loc["every loss", "met by one scale"])
+    assert not bool(shared.loc["error averages", "met by one scale"])
+
+
 def test_the_shipped_constants_relearn_and_cover_each_held_out_dataset(tmp_path):
     """Relearning on the released testbed gives the shipped constants, and with constants
     learned on the other two datasets each dataset's targets are covered (README, "What the
@@ -141,3 +200,6 @@ def test_the_shipped_constants_relearn_and_cover_each_held_out_dataset(tmp_path)
     # honest widths: never far above a calibrated normal error's 5.8
     assert (loss_forms["width / |error|"] <= 12).all(), loss_forms
     assert set(table["held_out"]) == {"c4", "redpajama", "refinedweb"}
+    # each held-out dataset's losses alone could be brought to the goals by one scale
+    assert loss_forms["goal scale low"].notna().all(), loss_forms
+    assert {"low", "high", "met by one scale"} <= set(learned["shared_goal_scales"][0])

@@ -12,7 +12,10 @@ tails, which is less sensitive to the few 15% misses of the smallest models.
 
 Leave-one-dataset-out: constants learned on two datasets, applied to the third under the
 paper's layout, and its coverage per quantity and form printed (README, "What the intervals
-cover").
+cover"), with the range of factors on every interval's width that would meet the goals (85-99%
+covered, width at most 8x the median error) on that dataset, and their overlap across the three:
+where the ranges do not overlap, no method that widens every ladder's intervals alike can meet
+the goals on all three.
 
 ``python -m workflow.learn_calibration --exp-data PATH/TO/exp_data [--json OUT]`` (fit settings
 from presets/paper-released.yaml)
@@ -26,7 +29,7 @@ import io
 import json
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -45,6 +48,10 @@ from workflow.settings import FitSettings, fit_settings
 PRESET = Path(__file__).resolve().parents[1] / "presets" / "paper-released.yaml"
 
 ALPHA = 0.2  # the central interval the constants are learned on
+# The goals of the 95% intervals, per held-out dataset: the share of actuals inside, and the
+# median width over the median absolute error (5.8 for a calibrated normal error).
+GOAL_COVERAGE = (0.85, 0.99)
+GOAL_RATIO = 8.0
 PAPER = "paper layout (4 sizes, M 20 and 320)"
 SMALLEST, SMALL, MEDIUM, LARGE = "0.011B", "0.079B", "0.154B", "0.411B"
 # Fit points of the loss law per layout; the error law adds 1.4B at M = 20 to the paper's.
@@ -149,35 +156,84 @@ def learn(examples: pd.DataFrame) -> dict[str, float]:
     }
 
 
-def coverage(predictions: pd.DataFrame, loss_eval: str) -> pd.DataFrame:
-    """Per form: coverage and median width / median |error| of the in-distribution loss, every
-    loss and every error average's measured targets."""
+def target_groups(
+    predictions: pd.DataFrame, loss_eval: str
+) -> Iterator[tuple[str, str, pd.DataFrame]]:
+    """(form, name, targets) of the measured targets the goals are stated for: the
+    in-distribution loss, every loss and every error average, per form."""
     measured = predictions[(predictions["role"] == "target") & predictions["actual"].notna()]
     selections = {
         f"{loss_eval} loss": (measured["quantity"] == "loss") & (measured["eval"] == loss_eval),
         "every loss": measured["quantity"] == "loss",
         "error averages": measured["quantity"] == "error",
     }
-    rows = []
     for form, of_form in measured.groupby("form", sort=False):
         for name, selected in selections.items():
             targets = of_form[selected[of_form.index]]
-            if targets.empty:
-                continue
-            actual = targets["actual"]
-            inside = (actual >= targets["ci_low"]) & (actual <= targets["ci_high"])
-            width = (targets["ci_high"] - targets["ci_low"]).median()
-            miss = (targets["predicted"] - actual).abs().median()
-            rows.append(
-                {
-                    "form": form,
-                    "targets": name,
-                    "n": len(targets),
-                    "coverage": inside.mean(),
-                    "width / |error|": width / miss,
-                }
-            )
+            if not targets.empty:
+                yield form, name, targets
+
+
+def coverage_and_ratio(targets: pd.DataFrame, scale: float = 1.0) -> tuple[float, float]:
+    """The share of actuals inside their intervals, and the median interval width over the
+    median absolute error, with every interval's half-widths multiplied by ``scale`` (in log
+    units where the prediction and its bounds are positive, as they were built)."""
+    predicted, actual = targets["predicted"].to_numpy(float), targets["actual"].to_numpy(float)
+    low, high = targets["ci_low"].to_numpy(float), targets["ci_high"].to_numpy(float)
+    positive = (predicted > 0) & (low > 0)
+    with np.errstate(all="ignore"):
+        low = np.where(
+            positive, predicted * (low / predicted) ** scale, predicted - scale * (predicted - low)
+        )
+        high = np.where(
+            positive,
+            predicted * (high / predicted) ** scale,
+            predicted + scale * (high - predicted),
+        )
+    inside = (actual >= low) & (actual <= high)
+    return float(inside.mean()), float(
+        np.median(high - low) / np.median(np.abs(predicted - actual))
+    )
+
+
+def coverage(predictions: pd.DataFrame, loss_eval: str) -> pd.DataFrame:
+    """Per form: coverage and median width / median |error| of the in-distribution loss, every
+    loss and every error average's measured targets, and the range of scales of every
+    interval that would meet the goals (``goal_scales``)."""
+    rows = []
+    for form, name, targets in target_groups(predictions, loss_eval):
+        covered, ratio = coverage_and_ratio(targets)
+        low, high = goal_scales(targets)
+        rows.append(
+            {
+                "form": form,
+                "targets": name,
+                "n": len(targets),
+                "coverage": covered,
+                "width / |error|": ratio,
+                "goal scale low": low,
+                "goal scale high": high,
+            }
+        )
     return pd.DataFrame(rows)
+
+
+def goal_scales(targets: pd.DataFrame) -> tuple[float, float]:
+    """The smallest and largest factor on every interval's half-widths (0.30 to 3.00, in steps
+    of 0.01) under which the targets meet the goals: between 85% and 99% covered, and a median
+    width at most 8x the median absolute error; (nan, nan) where none does. Across held-out
+    datasets, ranges that do not overlap mean that no method scaling every interval alike
+    (learned constants included) meets the goals on all of them."""
+    meeting = [
+        scale
+        for scale in np.round(np.arange(0.30, 3.005, 0.01), 2)
+        if _meets_goals(*coverage_and_ratio(targets, scale))
+    ]
+    return (min(meeting), max(meeting)) if meeting else (np.nan, np.nan)
+
+
+def _meets_goals(covered: float, ratio: float) -> bool:
+    return GOAL_COVERAGE[0] <= covered <= GOAL_COVERAGE[1] and ratio <= GOAL_RATIO
 
 
 def leave_one_dataset_out(
@@ -192,6 +248,16 @@ def leave_one_dataset_out(
         calibrated = calibration.calibrate_table(held, settings.loss_eval, 0.0, constants)
         frames.append(coverage(calibrated, settings.loss_eval).assign(held_out=held_out))
     return pd.concat(frames, ignore_index=True)
+
+
+def shared_goal_scales(table: pd.DataFrame) -> pd.DataFrame:
+    """Per (form, targets) of a leave-one-dataset-out table: the interval scales that meet the
+    goals on every held-out dataset at once (the overlap of their ranges), empty where the
+    ranges do not overlap."""
+    grouped = table.groupby(["form", "targets"], sort=False)
+    shared = grouped.agg(low=("goal scale low", "max"), high=("goal scale high", "min"))
+    shared["met by one scale"] = shared["low"] <= shared["high"]
+    return shared.reset_index()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -213,8 +279,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"{len(examples)} loss targets under {len(LAYOUTS)} layouts ({fitted - started:.0f} s)")
     print("constants (all datasets):", {name: round(v, 4) for name, v in constants.items()})
     print(table.round(3).to_string(index=False))
+    shared = shared_goal_scales(table)
+    print("interval scales meeting the goals on every held-out dataset:")
+    print(shared.to_string(index=False))
     if args.json:
-        report = {"constants": constants, "leave_one_dataset_out": table.to_dict("records")}
+        report = {
+            "constants": constants,
+            "leave_one_dataset_out": table.to_dict("records"),
+            "shared_goal_scales": shared.to_dict("records"),
+        }
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 
 

@@ -35,13 +35,14 @@ import yaml
 from scipy.optimize import minimize_scalar
 
 from workflow import laws
+from workflow.calibration import calibrate_table
 from workflow.config import ConfigError, validate_config
 from workflow.errors import FitError
 from workflow.forms import ERROR, EXPONENTIAL, LOSS, PAPER
 from workflow.intervals import percentile_interval
 from workflow.ladder import OK, fit_ladder
 from workflow.paths import Layout
-from workflow.predict import dataset_tables
+from workflow.predict import finished, ladder_predictions
 from workflow.resources import cost_table
 from workflow.settings import FitSettings, SettingsError, fit_settings, measured_elsewhere
 from workflow.tables import read_runs_table
@@ -160,9 +161,8 @@ def plan(
     # The recommendation predicted as the fit stage predicts a target: calibrated intervals.
     planned = {"dataset": dataset, "size": PLANNED, "N": round(n_params), "D": round(tokens)}
     planned["M"] = planned["D"] / planned["N"]
-    chained = replace(settings, loss_eval=eval_name, extra_targets=[planned])
-    with contextlib.redirect_stdout(io.StringIO()):
-        predictions, _ = dataset_tables(dataset, final, chained)
+    uncalibrated = ladder_predictions(ladder, [planned], eval_name)
+    predictions = finished(calibrate_table(uncalibrated, eval_name, settings.run_sd))
     mine = predictions[predictions["size"] == PLANNED]
     loss_row = _row(mine, LOSS, PAPER.chain_label(), eval_name)
 

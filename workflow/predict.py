@@ -31,19 +31,24 @@ def uncalibrated_tables(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The predictions (bootstrap intervals, unclipped) and the parameters of one dataset."""
     ladder = fit_ladder(dataset, final, settings)
+    untrained = [target for target in settings.extra_targets if target["dataset"] == dataset]
+    predictions = ladder_predictions(ladder, untrained, settings.loss_eval)
+    report_fits(ladder)
+    return predictions, parameter_rows(ladder)
+
+
+def ladder_predictions(ladder: LadderFits, untrained: list[dict], loss_eval: str) -> pd.DataFrame:
+    """A fitted ladder's predictions (bootstrap intervals, unclipped) of its trained runs and
+    of the ``untrained`` ones (dicts with size, N, M and D)."""
     table = ladder.measurements.table
-    untrained = pd.DataFrame(
-        [target for target in settings.extra_targets if target["dataset"] == dataset],
-        columns=["size", "N", "M", "D"],
-    )
-    targets = pd.concat([table[untrained.columns], untrained], ignore_index=True)
-    padding = np.zeros(len(untrained), dtype=bool)
+    columns = ["size", "N", "M", "D"]
+    extra = pd.DataFrame(untrained, columns=columns)
+    targets = pd.concat([table[columns], extra], ignore_index=True)
+    padding = np.zeros(len(extra), dtype=bool)
     roles = {
         quantity: np.concatenate([points, padding]) for quantity, points in ladder.points.items()
     }
-    predictions = predict_targets(ladder, targets, roles, settings.loss_eval)
-    report_fits(ladder)
-    return predictions, parameter_rows(ladder)
+    return predict_targets(ladder, targets, roles, loss_eval)
 
 
 def dataset_tables(
