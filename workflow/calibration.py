@@ -186,19 +186,16 @@ def law_context(fit_rows: pd.DataFrame, n_params: dict[str, int]) -> LawContext:
 def form_spread(rows: pd.DataFrame, reference: float) -> np.ndarray:
     """D of each row: the spread of ln(prediction) over the forms of its family at its run
     (linear, over ``reference``, where a prediction is <= 0)."""
-    key = ["family", "size", "M"]
+    run = [rows[key] for key in ("family", "size", "M")]
     predicted = rows["predicted"]
     with np.errstate(all="ignore"):
         logs = np.log(predicted.where(predicted > 0))
-    grouped = logs.groupby([rows[k] for k in key])
-    log_spread = grouped.transform("max") - grouped.transform("min")
-    linear = predicted.groupby([rows[k] for k in key])
+    by_log, by_value = logs.groupby(run), predicted.groupby(run)
+    log_spread = by_log.transform("max") - by_log.transform("min")
     unit = abs(reference) if np.isfinite(reference) and reference != 0 else 1.0
-    linear_spread = (linear.transform("max") - linear.transform("min")) / unit
-    spread = np.where(
-        logs.notna().groupby([rows[k] for k in key]).transform("all"), log_spread, linear_spread
-    )
-    spread = np.asarray(spread, float)
+    linear_spread = (by_value.transform("max") - by_value.transform("min")) / unit
+    all_positive = logs.notna().groupby(run).transform("all")
+    spread = np.asarray(np.where(all_positive, log_spread, linear_spread), float)
     return np.where(np.isfinite(spread), spread, 0.0)
 
 
