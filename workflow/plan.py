@@ -35,7 +35,6 @@ import yaml
 from scipy.optimize import minimize_scalar
 
 from workflow import laws
-from workflow.calibration import calibrate_table
 from workflow.config import ConfigError, validate_config
 from workflow.errors import FitError
 from workflow.forms import ERROR, EXPONENTIAL, LOSS, PAPER
@@ -162,7 +161,7 @@ def plan(
     planned = {"dataset": dataset, "size": PLANNED, "N": round(n_params), "D": round(tokens)}
     planned["M"] = planned["D"] / planned["N"]
     uncalibrated = ladder_predictions(ladder, [planned], eval_name)
-    predictions = finished(calibrate_table(uncalibrated, eval_name, settings.run_sd))
+    predictions = finished(uncalibrated, eval_name, settings.run_sd)
     mine = predictions[predictions["size"] == PLANNED]
     loss_row = _row(mine, LOSS, PAPER.chain_label(), eval_name)
 

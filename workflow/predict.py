@@ -57,8 +57,7 @@ def dataset_tables(
     """The predictions, with calibrated intervals, and the parameters of one dataset (its
     final rows of runs.parquet)."""
     predictions, parameters = uncalibrated_tables(dataset, final, settings)
-    calibrated = calibrate_table(predictions, settings.loss_eval, settings.run_sd)
-    return finished(calibrated), parameters
+    return finished(predictions, settings.loss_eval, settings.run_sd), parameters
 
 
 def uncalibrated_predictions(
@@ -69,10 +68,12 @@ def uncalibrated_predictions(
     return uncalibrated_tables(dataset, final, settings)[0]
 
 
-def finished(predictions: pd.DataFrame) -> pd.DataFrame:
-    """predictions.parquet's rows: errors and accuracies within [0, 1], each row's relative
-    error and whether its interval holds its actual value."""
-    table = predictions.drop(columns=CALIBRATION_COLUMNS)
+def finished(predictions: pd.DataFrame, loss_eval: str, run_sd: float) -> pd.DataFrame:
+    """predictions.parquet's rows from uncalibrated ones: calibrated intervals
+    (``workflow.calibration``), errors and accuracies within [0, 1], each row's relative error
+    and whether its interval holds its actual value."""
+    calibrated = calibrate_table(predictions, loss_eval, run_sd)
+    table = calibrated.drop(columns=CALIBRATION_COLUMNS)
     predicted, low, high = (
         table[name].to_numpy(float) for name in ("predicted", "ci_low", "ci_high")
     )
