@@ -20,15 +20,17 @@ from workflow.model import build_model
 from workflow.shards import TokenShards, write_shards
 
 
-def test_validation_windows_are_consecutive_and_capped(tmp_path):
-    write_shards(
-        tmp_path / "val", [np.arange(1000) % 50], vocab_size=64, eot_id=0, shard_tokens=300
-    )
-    sequences = validation_sequences(
-        TokenShards(tmp_path / "val"), context_length=10, max_tokens=95
-    )
+def test_validation_windows_are_spread_over_the_whole_split_and_capped(tmp_path):
+    write_shards(tmp_path / "val", [np.arange(1000)], vocab_size=1024, eot_id=0, shard_tokens=300)
+    shards = TokenShards(tmp_path / "val")
+    # 99 non-overlapping windows of 10 targets; 9 fit in max_tokens, every eleventh is taken.
+    sequences = validation_sequences(shards, context_length=10, max_tokens=95)
     assert sequences.shape == (9, 11)
-    assert (sequences[1, 0], sequences[1, -1]) == (10 % 50, 20 % 50)
+    assert sequences[:, 0].tolist() == [0, 110, 220, 330, 440, 550, 660, 770, 880]
+    assert (sequences[:, 1:] == sequences[:, :-1] + 1).all()  # each window is contiguous
+    everything = validation_sequences(shards, context_length=10, max_tokens=10**6)
+    assert everything.shape == (99, 11)
+    assert everything[-1, -1] == 990
 
 
 def test_too_small_validation_split_names_the_fix(tmp_path):
