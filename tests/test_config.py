@@ -138,8 +138,8 @@ def test_an_unusual_cost_is_said_before_anything_runs(tmp_path, default_config):
     assert unusual_cost(validate_config(copy.deepcopy(default_config))) is None
     many = copy.deepcopy(default_config)
     many["train"]["checkpoints"] = 100_000
-    # every step of every run is a checkpoint (10,678 of them); downstream evaluates the 8 final
-    assert "10,686 evaluation jobs of 10,678 checkpoints" in unusual_cost(validate_config(many))
+    # every step of every run is a checkpoint (10,653 of them); downstream evaluates the 8 final
+    assert "10,661 evaluation jobs of 10,653 checkpoints" in unusual_cost(validate_config(many))
     default_config["train"]["checkpoints"] = USUAL_CHECKPOINTS_PER_RUN + 1
     default_config["downstream"] = {"suite": "none"}
     result = snakemake("-n", config=default_config, workdir=tmp_path)
