@@ -9,7 +9,7 @@ thread-count run changes the order of floating-point reductions the way another 
 
     python benchmarks/default_seeds.py --out seeds --seeds 0 1 2 --threads 2
 
-takes about 18 minutes a run on 2 cores. ``--summarize`` re-reads the folders of an earlier
+takes about 15 minutes a run on 2 cores. ``--summarize`` re-reads the folders of an earlier
 call. It prints, per run of the grid, the final in-distribution validation loss under each
 seed, their spread (max - min, as % of the median), the thread-count run's distance from seed
 0, and how far the training curve's last 20% rises above its lowest point (row by row, and
