@@ -10,8 +10,11 @@ thread-count run changes the order of floating-point reductions the way another 
     python benchmarks/default_seeds.py --out seeds --seeds 0 1 2 --threads 2
 
 takes about 15 minutes a run on 2 cores. ``--summarize`` re-reads the folders of an earlier
-call. It prints, per run of the grid, the final in-distribution validation loss under each
-seed, their spread (max - min, as % of the median), the thread-count run's distance from seed
+call. ``--set sizes.xs.lr=0.012 ...`` runs a variant of the default (dotted config keys, YAML
+values), so a recipe change is measured the same way as the default itself.
+
+It prints, per run of the grid, the final in-distribution validation loss under each seed,
+their spread (max - min, as % of the median), the thread-count run's distance from seed
 0, and how far the training curve's last 20% rises above its lowest point (row by row, and
 averaged over 5% of the run's tokens); per target, the relative error of each loss and
 error-average prediction (median and range over seeds) and whether the 95% interval held the
@@ -38,11 +41,28 @@ TAIL = 0.2
 SMOOTHING = 0.05
 
 
-def run_default(folder: Path, seed: int, threads: int | None, cores: int) -> float:
+def with_overrides(config: dict, overrides: list[str]) -> dict:
+    """``config`` with each ``dotted.key=value`` of ``overrides`` set (the value read as YAML);
+    a key that is not in the config is an error, so a typo cannot run the default unchanged."""
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not sep or not isinstance(node, dict) or leaf not in node:
+            raise SystemExit(f"--set {override!r}: not KEY=VALUE with KEY in config.yaml")
+        node[leaf] = yaml.safe_load(value)
+    return config
+
+
+def run_default(
+    folder: Path, seed: int, threads: int | None, cores: int, overrides: list[str]
+) -> float:
     """One run of the default into ``folder``; its wall time in seconds. The config is the
-    default with ``results_dir``, ``train.seed`` (and ``train.threads``) replaced, given with
-    ``--configfile`` (which replaces config.yaml)."""
-    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    default with ``overrides``, ``results_dir``, ``train.seed`` (and ``train.threads``)
+    replaced, given with ``--configfile`` (which replaces config.yaml)."""
+    config = with_overrides(yaml.safe_load((REPO / "config.yaml").read_text()), overrides)
     config["results_dir"] = str(folder)
     config["train"]["seed"] = seed
     if threads is not None:
@@ -136,12 +156,28 @@ def summarize(folders: dict[str, Path], eval_name: str) -> str:
     errors["inside"] = grouped["inside"].agg(lambda inside: f"{int(inside.sum())}/{len(inside)}")
     errors["C / largest fit C"] = grouped["C"].first() / fit_compute(targets, seeds)
     lines += ["## Targets: relative error % over seeds", "", errors.round(2).to_markdown(), ""]
+    lines += ["## Loss and error fits not ok (their predictions stand on a flagged fit)", ""]
+    lines += [flagged_fits(seeds).to_markdown(), ""]
 
     walls = {name: float((folder / "wall_s.txt").read_text()) for name, folder in folders.items()}
     stages = pd.DataFrame({name: stage_times(folder) for name, folder in folders.items()})
     stages.loc["wall (snakemake)"] = pd.Series(walls)
     lines += ["## Seconds: wall time and job time per stage", "", stages.round(0).to_markdown()]
     return "\n".join(lines)
+
+
+def flagged_fits(seeds: dict[str, Path]) -> pd.DataFrame:
+    """Per (form, law, eval), the seeds whose loss or error fit is not ``ok``, with its status."""
+    flagged = []
+    for name, folder in seeds.items():
+        fits = pd.read_parquet(folder / "fits.parquet")
+        fits = fits[fits["law"].isin(["loss", "error"]) & (fits["status"] != "ok")]
+        flagged.append(fits.drop_duplicates(["form", "law", "eval"]).assign(seed=name))
+    frame = pd.concat(flagged)
+    if frame.empty:
+        return pd.DataFrame({"status": ["every fit ok"]})
+    label = frame["seed"] + " (" + frame["status"] + ")"
+    return frame.assign(seeds=label).groupby(["form", "law", "eval"])[["seeds"]].agg(", ".join)
 
 
 def fit_compute(targets: pd.DataFrame, seeds: dict[str, Path]) -> float:
@@ -160,6 +196,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--eval", default="docs_en", help="the in-distribution validation set")
     parser.add_argument("--summarize", action="store_true", help="only re-read the folders")
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config changes for a variant of the default, e.g. sizes.xs.lr=0.012",
+    )
     args = parser.parse_args(argv)
     out = args.out.resolve()
     folders = {f"seed-{seed}": out / f"seed-{seed}" for seed in args.seeds}
@@ -168,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, folder in folders.items():
             seed = int(name.split("-")[1]) if name.startswith("seed") else 0
             threads = int(name.split("-")[1]) if name.startswith("threads") else None
-            wall = run_default(folder, seed, threads, args.cores)
+            wall = run_default(folder, seed, threads, args.cores, args.set)
             print(f"{name}: {wall:.0f} s", file=sys.stderr, flush=True)
     print(summarize(folders, args.eval))
 
