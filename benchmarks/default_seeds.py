@@ -61,7 +61,8 @@ def run_default(
 ) -> float:
     """One run of the default into ``folder``; its wall time in seconds. The config is the
     default with ``overrides``, ``results_dir``, ``train.seed`` (and ``train.threads``)
-    replaced, given with ``--configfile`` (which replaces config.yaml)."""
+    replaced, given with ``--configfile`` (which replaces config.yaml). A run whose fit stage
+    fails (a variant's loss law may not converge) keeps its runs.parquet for the summary."""
     config = with_overrides(yaml.safe_load((REPO / "config.yaml").read_text()), overrides)
     config["results_dir"] = str(folder)
     config["train"]["seed"] = seed
@@ -78,14 +79,16 @@ def run_default(
             str(cores),
             "--quiet",
             "--rerun-incomplete",
+            "--keep-going",
             "--configfile",
             str(configfile),
         ],
         cwd=REPO,
-        check=True,
     )
     wall = time.perf_counter() - started
     (folder / "wall_s.txt").write_text(f"{wall:.1f}\n")
+    if not (folder / "runs.parquet").exists():
+        raise SystemExit(f"{folder}: the run stopped before runs.parquet; see {folder}/logs")
     return wall
 
 
@@ -145,8 +148,24 @@ def summarize(folders: dict[str, Path], eval_name: str) -> str:
         table[f"tail rise % ({label})"] = 100 * rises.max(axis=1)
     lines = [f"## Final {eval_name} loss per run", "", table.round(3).to_markdown(), ""]
 
+    fitted = {name: folder for name, folder in seeds.items() if has_fits(folder)}
+    for name in sorted(seeds.keys() - fitted.keys()):
+        lines += [f"{name}: no predictions, its fit stage failed ({seeds[name]}/logs/fit.log)", ""]
+    if fitted:
+        lines += target_errors(fitted)
+
+    walls = {name: float((folder / "wall_s.txt").read_text()) for name, folder in folders.items()}
+    stages = pd.DataFrame({name: stage_times(folder) for name, folder in folders.items()})
+    stages.loc["wall (snakemake)"] = pd.Series(walls)
+    lines += ["## Seconds: wall time and job time per stage", "", stages.round(0).to_markdown()]
+    return "\n".join(lines)
+
+
+def target_errors(fitted: dict[str, Path]) -> list[str]:
+    """Lines of the targets' relative errors over the seeds in ``fitted`` and of their fits
+    that are not ok."""
     predictions = []
-    for name, folder in seeds.items():
+    for name, folder in fitted.items():
         frame = pd.read_parquet(folder / "predictions.parquet")
         targets = frame[(frame["role"] == "target") & frame["quantity"].isin(["loss", "error"])]
         predictions.append(targets.assign(seed=name))
@@ -154,16 +173,17 @@ def summarize(folders: dict[str, Path], eval_name: str) -> str:
     grouped = targets.groupby(["form", "quantity", "eval", "size", "M"])
     errors = grouped["relative_error"].agg(["median", "min", "max"]) * 100
     errors["inside"] = grouped["inside"].agg(lambda inside: f"{int(inside.sum())}/{len(inside)}")
-    errors["C / largest fit C"] = grouped["C"].first() / fit_compute(targets, seeds)
-    lines += ["## Targets: relative error % over seeds", "", errors.round(2).to_markdown(), ""]
-    lines += ["## Loss and error fits not ok (their predictions stand on a flagged fit)", ""]
-    lines += [flagged_fits(seeds).to_markdown(), ""]
+    errors["C / largest fit C"] = grouped["C"].first() / fit_compute(targets, fitted)
+    return [
+        "## Targets: relative error % over seeds", "", errors.round(2).to_markdown(), "",
+        "## Loss and error fits not ok (their predictions stand on a flagged fit)", "",
+        flagged_fits(fitted).to_markdown(), "",
+    ]  # fmt: skip
 
-    walls = {name: float((folder / "wall_s.txt").read_text()) for name, folder in folders.items()}
-    stages = pd.DataFrame({name: stage_times(folder) for name, folder in folders.items()})
-    stages.loc["wall (snakemake)"] = pd.Series(walls)
-    lines += ["## Seconds: wall time and job time per stage", "", stages.round(0).to_markdown()]
-    return "\n".join(lines)
+
+def has_fits(folder: Path) -> bool:
+    """Whether the fit stage finished in ``folder``."""
+    return (folder / "predictions.parquet").exists() and (folder / "fits.parquet").exists()
 
 
 def flagged_fits(seeds: dict[str, Path]) -> pd.DataFrame:
