@@ -8,13 +8,14 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from test_fit import GRID, settings, synthetic_runs
+from matplotlib.collections import PathCollection
+from test_fit import GRID, STRAIGHT_POINTS, settings, straight_ladder, synthetic_runs
 
 from workflow import aggregate, fit, forms, laws, plots
 from workflow.forms import ACCURACY, ERROR, EXPONENTIAL, LOSS, SIGMOID
 from workflow.ingest import ingest
 from workflow.settings import IngestSettings
-from workflow.tables import RUNS_SCHEMA
+from workflow.tables import RUNS_SCHEMA, write_runs_table
 
 POINTS = {"xs": [20, 320], "s": [20], "m": [20], "l": [20], "xl": [20]}
 # Runs far beyond the fit points: losses low enough that the exponential's line leaves [0, 1].
@@ -176,3 +177,27 @@ def test_chance_is_an_optional_column_of_a_long_results_table(tmp_path):
     assert (table.loc[table["metric"] == ACCURACY, "chance"] == CHANCE).all()
     runs.drop(columns="chance").to_csv(tmp_path / "without.csv", index=False)
     assert ingest(tmp_path / "without.csv", chosen, tmp_path / "o.parquet")["chance"].isna().all()
+
+
+def test_the_figure_draws_measured_losses_where_the_paper_form_could_not_be_fitted(
+    monkeypatch, tmp_path
+):
+    runs = straight_ladder()
+    write_runs_table(runs.to_dict("records"), tmp_path / "runs.parquet")
+    chosen = settings(loss_points=STRAIGHT_POINTS, error_points=STRAIGHT_POINTS, bootstrap=5)
+    fit.main(["--runs", str(tmp_path / "runs.parquet"), "--settings", chosen.to_json(),
+              "--predictions", str(tmp_path / "p.parquet"),
+              "--fits", str(tmp_path / "f.parquet")])  # fmt: skip
+    predictions, fits = (pd.read_parquet(tmp_path / name) for name in ("p.parquet", "f.parquet"))
+    drawn = {}
+    monkeypatch.setattr(plots, "save_figure", lambda figure, out: drawn.update(figure=figure))
+    plots.plot(runs, predictions, fits, "val", str(tmp_path / "scaling.png"))
+    loss_axis = drawn["figure"].axes[0]
+    texts = [text.get_text().replace("\n", " ") for text in loss_axis.texts]
+    assert any("the paper form could not be fitted (failed)" in text for text in texts)
+    assert any("xl, M=46: no fit / " in text for text in texts)
+    assert loss_axis.get_ylabel() == "loss L, val (nats)"
+    points = [c for c in loss_axis.collections if isinstance(c, PathCollection)]
+    measured = np.concatenate([collection.get_offsets()[:, 1] for collection in points])
+    assert len(measured) == len(runs) and measured.min() > 3  # the losses themselves, not L - E
+    plots.plt.close(drawn["figure"])

@@ -73,15 +73,59 @@ def test_too_few_points_fail_naming_dataset_law_and_points():
     assert "points: xs M=20 (" in message and "m M=20" in message
 
 
-def test_a_fit_that_does_not_converge_fails_naming_dataset_law_and_points():
+def test_a_loss_no_form_can_fit_fails_naming_dataset_law_and_points():
+    """The paper form does not converge (no start survives the overflow) and Chinchilla's has
+    four points for five parameters: the stage stops with the first form's reason."""
     rows = synthetic_runs(GRID)
-    rows["value"] = 1e200 * np.arange(1, len(rows) + 1)  # no start survives the overflow
+    rows["value"] = 1e200 * np.arange(1, len(rows) + 1)
     with pytest.raises(
         FitError,
         match=r"^toy: loss law on val \(paper form\): "
         r"Levenberg-Marquardt converged from none of the 128 starts; points: xs M=20",
     ):
-        fit.fit_table(rows, settings())  # fmt: skip
+        fit.fit_table(rows, settings(loss_points={"xs": [20, 320], "s": [20], "m": [20]}))
+
+
+# The embedded default's ladder under a peak lr of 0.192 / d_model (seed 1; README, "One
+# learning rate bends the ladder"): (size, N, M, docs_en loss, its 95% interval). Its loss is
+# straight in log N, so the paper form's E cannot be fitted, while Chinchilla's form fits.
+STRAIGHT_LADDER = [
+    ("xs", 39504, 20, 4.6699, 4.6320, 4.7067), ("xs", 39504, 80, 4.4018, 4.3598, 4.4413),
+    ("xs", 39504, 160, 4.3393, 4.2964, 4.3811), ("s", 63096, 20, 4.3771, 4.3355, 4.4174),
+    ("m", 92320, 20, 4.1305, 4.0852, 4.1732), ("l", 153840, 20, 3.7809, 3.7304, 3.8283),
+    ("l", 153840, 80, 3.4803, 3.4236, 3.5309), ("xl", 322960, 46, 3.2069, 3.1455, 3.2617),
+]  # fmt: skip
+
+
+STRAIGHT_POINTS = {"xs": [20, 80], "s": [20], "m": [20], "l": [20]}
+
+
+def straight_ladder() -> pd.DataFrame:
+    """STRAIGHT_LADDER as final rows of runs.parquet (dataset 'default', eval 'val')."""
+    return pd.DataFrame(
+        [{"dataset": "default", "size": size, "N": n, "M": float(m), "D": n * m, "step": None,
+          "tokens": n * m, "final": True, "n_examples": 256, "metric": "loss", "eval": "val",
+          "value": value, "ci_low": low, "ci_high": high}
+         for size, n, m, value, low, high in STRAIGHT_LADDER],
+        columns=RUNS_SCHEMA.names,
+    )  # fmt: skip
+
+
+def test_a_loss_form_that_cannot_be_fitted_is_failed_and_the_others_still_predict():
+    predictions, parameters = fit.fit_table(
+        straight_ladder(),
+        settings(loss_points=STRAIGHT_POINTS, error_points=STRAIGHT_POINTS, bootstrap=20),
+    )
+    status = parameters.drop_duplicates("form").set_index("form")["status"]
+    assert status["paper"] == "failed" and status["chinchilla"] == "ok"
+    assert "converged from none" in parameters.set_index("form").loc["paper", "warnings"].iloc[0]
+    assert parameters.loc[parameters["form"] == "paper", "value"].isna().all()
+    targets = predictions[predictions["role"] == "target"].set_index("form")
+    assert targets.loc["paper", "predicted"].isna().all()
+    assert targets.loc["paper", ["ci_low", "ci_high"]].isna().all().all()
+    chinchilla = targets.loc["chinchilla"]
+    assert chinchilla[["predicted", "ci_low", "ci_high"]].notna().all().all()
+    assert (chinchilla["relative_error"] < 0.03).all()
 
 
 def test_missing_fit_point_is_named():

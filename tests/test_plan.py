@@ -12,7 +12,15 @@ import numpy as np
 import pytest
 import yaml
 from conftest import REPO
-from test_fit import GRID, TRUE_ERROR, TRUE_LOSS, settings, synthetic_runs
+from test_fit import (
+    GRID,
+    STRAIGHT_POINTS,
+    TRUE_ERROR,
+    TRUE_LOSS,
+    settings,
+    straight_ladder,
+    synthetic_runs,
+)
 
 from workflow import laws, plan
 from workflow.errors import FitError
@@ -61,6 +69,12 @@ def test_serving_tokens_recommends_a_smaller_more_over_trained_model(runs):
 def test_an_unknown_dataset_is_named(runs):
     with pytest.raises(FitError, match=r"'nope'.*toy"):
         plan.plan(runs, settings(), "nope", "val", BUDGET)
+
+
+def test_a_paper_form_that_could_not_be_fitted_is_named_instead_of_planned():
+    chosen = settings(loss_points=STRAIGHT_POINTS, error_points=STRAIGHT_POINTS, bootstrap=5)
+    with pytest.raises(FitError, match=r"paper form's loss law on val could not be fitted"):
+        plan.plan(straight_ladder(), chosen, "default", "val", BUDGET)
 
 
 def test_cli_reports_the_plan(tmp_path, runs):

@@ -293,12 +293,15 @@ def _fit_quantity(
     they are resampled themselves). The samples are drawn once, from the residuals of the
     first form (in registry order) that fitted the evaluation, and every form is refitted on
     them. A form of the chance fraction is fitted on value / error at chance. Each fit is
-    judged (``workflow.sanity.judge``; a form of the loss also at ``targets``' sizes).
+    judged (``workflow.sanity.judge``; a form of the loss also at ``targets``' sizes). A form
+    that cannot be fitted is ``failed`` and predicts nothing (a ladder whose loss is straight
+    in log N leaves the paper form's E unfitted while Chinchilla's fits); a validation set on
+    which no form of the loss can be fitted stops the stage, naming the first form's reason.
     """
     evals = measurements.evals(metric)
     values = np.array([measurements.fitted_value(metric, eval_name) for eval_name in evals])
     chance = np.array([measurements.chance_error(metric, eval_name) for eval_name in evals])
-    fits, samples, solved = {}, {}, []
+    fits, samples, solved, failures = {}, {}, [], {}
     for form in forms.predicting(metric):
         inputs = form.variables(*sources[form.source])
         scale = chance if form.of_chance else np.ones(len(evals))
@@ -322,9 +325,10 @@ def _fit_quantity(
                     tuple(x[used[index]] for x in inputs), solution.params[index]
                 )
                 status[index] = DEGENERATE if reason else OK
-            if status[index] == FAILED and metric == LOSS:
-                raise measurements.failure(where, reason, used[index], values[index])
-            if status[index] != FAILED:
+            if status[index] == FAILED:
+                failure = measurements.failure(where, reason, used[index], values[index])
+                failures.setdefault(index, failure)
+            else:
                 found = sanity.judge(
                     measurements, form, metric, eval_name, inputs, used[index],
                     solution.params[index], scale[index], targets,
@@ -335,6 +339,9 @@ def _fit_quantity(
                 warnings[index] = reason
                 print(f"{measurements.dataset}: {where} is {status[index]}: {reason}", flush=True)
         solved.append((form, inputs, used, scale, solution, status, warnings))
+    for index, failure in failures.items():
+        if metric == LOSS and all(statuses[index] == FAILED for *_, statuses, _ in solved):
+            raise failure
     for index, eval_name in enumerate(evals):
         residuals, n_params = np.array([]), 0
         for form, inputs, used, scale, solution, status, _ in solved:

@@ -39,7 +39,7 @@ from workflow.config import ConfigError, validate_config
 from workflow.errors import FitError
 from workflow.forms import ERROR, EXPONENTIAL, LOSS, PAPER
 from workflow.intervals import percentile_interval
-from workflow.ladder import OK, fit_ladder
+from workflow.ladder import FAILED, OK, fit_ladder
 from workflow.paths import Layout
 from workflow.predict import finished, ladder_predictions
 from workflow.resources import cost_table
@@ -143,8 +143,19 @@ def plan(
     with contextlib.redirect_stdout(io.StringIO()):  # the fit stage's log, not the plan's
         ladder = fit_ladder(dataset, final, replace(settings, loss_eval=eval_name))
     fitted = ladder.of(PAPER, eval_name)
+    if fitted.status == FAILED:
+        raise FitError(
+            f"{dataset}: the paper form's loss law on {eval_name} could not be fitted "
+            f"({fitted.warnings}); the plan is that form's optimum"
+        )
 
     n_params = best_size(fitted.params, budget, inference_tokens)
+    if not np.isfinite(n_params):
+        raise FitError(
+            f"{dataset}: the paper form's loss law on {eval_name} ({fitted.status}"
+            f"{': ' + fitted.warnings if fitted.warnings else ''}) has no finite optimum at "
+            f"{budget:g} FLOPs"
+        )
     tokens = float(tokens_for(np.array(n_params), budget, inference_tokens))
     if tokens <= 0:
         raise FitError(

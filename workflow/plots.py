@@ -99,8 +99,12 @@ def headline(predictions: pd.DataFrame) -> pd.DataFrame:
     return targets.drop_duplicates()
 
 
-def _percent(value: float) -> str:
-    return f"{value:.2%}" if np.isfinite(value) else "not trained"
+def _percent(value: float, predicted: float) -> str:
+    """A relative error; 'no fit' where the form predicted nothing, 'not trained' where the
+    target has no measurement."""
+    if np.isfinite(value):
+        return f"{value:.2%}"
+    return "not trained" if np.isfinite(predicted) else "no fit"
 
 
 def _annotate(
@@ -123,8 +127,12 @@ def _annotate(
             fontsize=7.5,
         ).set_in_layout(False)
         same = rows[(rows["N"] == target["N"]) & (rows["M"] == target["M"])]
-        errors = same.set_index("form")["relative_error"]
-        shown = " / ".join(_percent(errors.get(label, np.nan)) for label in labels)
+        error, predicted = (
+            same.set_index("form")[column] for column in ("relative_error", "predicted")
+        )
+        shown = " / ".join(
+            _percent(error.get(label, np.nan), predicted.get(label, np.nan)) for label in labels
+        )
         lines.append(f"{name}: {shown}")
     x_corner, align = corner
     axis.text(
@@ -155,13 +163,16 @@ def _loss_panel(
     style: Style,
 ) -> None:
     """Loss vs compute C = 6ND: one fitted curve per M (solid over the fit points, dashed
-    beyond), the runs' measured losses and each target's prediction with its interval."""
-    E, a, b, eta = _fit(fits, dataset, PAPER, loss_eval)[0]
+    beyond), the runs' measured losses and each target's prediction with its interval. Where
+    the paper form could not be fitted, the measured losses themselves, without curves."""
+    params, status, _ = _fit(fits, dataset, PAPER, loss_eval)
+    drawn = bool(np.isfinite(params).all())
+    E, a, b, eta = params if drawn else (0.0, *params[1:])
     rows = predictions[(predictions["quantity"] == LOSS) & (predictions["eval"] == loss_eval)]
     paper = rows[rows["form"] == PAPER.chain_label()]
     fit_points = paper[paper["role"] == "fit"]
     right = paper["C"].max() * 3
-    for multiplier in style.multipliers:
+    for multiplier in style.multipliers if drawn else []:
         lowest = paper.loc[paper["M"] == multiplier, "C"].min() / 2
         if not np.isfinite(lowest):
             continue
@@ -201,12 +212,14 @@ def _loss_panel(
     axis.yaxis.set_major_formatter(ScalarFormatter())
     axis.yaxis.set_minor_formatter(plt.NullFormatter())
     axis.set_xlabel("compute C = 6ND (FLOPs)")
-    axis.set_ylabel(f"reducible loss L - E, {loss_eval} (nats)")
+    axis.set_ylabel(f"{'reducible loss L - E' if drawn else 'loss L'}, {loss_eval} (nats)")
     axis.set_title(f"{dataset}: loss", fontsize=11)
     _formula_box(
         axis,
         f"L = {E:.3f} + ({a:.0f} M^{eta:.3f} + {b:.0f} M^-{eta:.3f}) C^-{eta:.3f}\n"
-        f"compute-optimal M* = {laws.optimal_multiplier(a, b, eta):.1f}",
+        f"compute-optimal M* = {laws.optimal_multiplier(a, b, eta):.1f}"
+        if drawn
+        else f"the paper form could not be fitted ({status}): no curves, no E",
     )
 
 
