@@ -8,8 +8,9 @@ predictions.parquet that have an actual value, for the loss of the validation se
 plotted on and for every task group's error, both forms side by side; the worst relative error
 per (dataset, quantity, form) is summarised above the table. The tasks' accuracies, one row
 per task and chain in predictions.parquet, are summarised instead, split by the predictability
-flag of fits.parquet, with each task's flag per dataset. Written as one self-contained HTML
-file, which Snakemake's report embeds as it is.
+flag of fits.parquet, with each task's flag per dataset. A target whose form predicted
+nothing (its fit `failed`) is left out of every table; the list of fits that are not ok names
+that fit. Written as one self-contained HTML file, which Snakemake's report embeds as it is.
 
 ``python -m workflow.targets --predictions PRED --fits FITS --loss-eval NAME --out HTML``
 """
@@ -36,9 +37,18 @@ td:nth-child(-n+4) { text-align: left; }
 """
 
 
+def measured_targets(predictions: pd.DataFrame) -> pd.DataFrame:
+    """The targets with both a measurement and a prediction."""
+    return predictions[
+        (predictions["role"] == "target")
+        & predictions["actual"].notna()
+        & predictions["predicted"].notna()
+    ]
+
+
 def target_rows(predictions: pd.DataFrame, loss_eval: str) -> pd.DataFrame:
     """The measured targets of the plotted loss and of every error group, largest last."""
-    measured = predictions[(predictions["role"] == "target") & predictions["actual"].notna()]
+    measured = measured_targets(predictions)
     shown = (measured["quantity"] == "error") | (measured["eval"] == loss_eval)
     rows = measured[shown].sort_values(["dataset", "quantity", "eval", "form", "C", "M"])
     return rows.reset_index(drop=True)
@@ -55,7 +65,7 @@ def coverage(predictions: pd.DataFrame) -> pd.DataFrame:
     every measured target of every evaluation; with the median interval width against the
     median absolute error (a calibrated normal error gives 5.8; far more means the interval
     covers by being wide)."""
-    measured = predictions[(predictions["role"] == "target") & predictions["actual"].notna()]
+    measured = measured_targets(predictions)
     measured = measured.assign(
         width=measured["ci_high"] - measured["ci_low"],
         miss=(measured["predicted"] - measured["actual"]).abs(),
@@ -72,11 +82,8 @@ def coverage(predictions: pd.DataFrame) -> pd.DataFrame:
 def task_summary(predictions: pd.DataFrame, fits: pd.DataFrame) -> pd.DataFrame:
     """Per (dataset, form, predictable): the tasks, and over their measured targets the median
     |predicted - actual| in accuracy points and the intervals' coverage."""
-    measured = predictions[
-        (predictions["quantity"] == ACCURACY)
-        & (predictions["role"] == "target")
-        & predictions["actual"].notna()
-    ]
+    measured = measured_targets(predictions)
+    measured = measured[measured["quantity"] == ACCURACY]
     measured = measured.merge(task_flags(fits)[["dataset", "eval", "predictable"]])
     measured = measured.assign(
         points=100 * (measured["predicted"] - measured["actual"]).abs(),
