@@ -170,9 +170,11 @@ def target_errors(fitted: dict[str, Path]) -> list[str]:
         targets = frame[(frame["role"] == "target") & frame["quantity"].isin(["loss", "error"])]
         predictions.append(targets.assign(seed=name))
     targets = pd.concat(predictions)
+    targets = targets[targets["predicted"].notna()]  # a failed fit predicts nothing
     grouped = targets.groupby(["form", "quantity", "eval", "size", "M"])
     errors = grouped["relative_error"].agg(["median", "min", "max"]) * 100
     errors["inside"] = grouped["inside"].agg(lambda inside: f"{int(inside.sum())}/{len(inside)}")
+    errors["seeds"] = grouped["seed"].agg(", ".join)
     errors["C / largest fit C"] = grouped["C"].first() / fit_compute(targets, fitted)
     return [
         "## Targets: relative error % over seeds", "", errors.round(2).to_markdown(), "",
