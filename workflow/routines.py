@@ -140,8 +140,6 @@ class LeastSquares:
                     problem_samples[:, points],
                     start,
                 )
-                if np.isfinite(start).all()
-                else np.full((len(problem_samples), len(start)), np.nan)  # a failed fit
                 for problem_samples, points, start in zip(
                     samples, solution.used, solution.warm_starts, strict=True
                 )

@@ -98,15 +98,17 @@ def refit(
     ``inputs`` are arrays of shape (points,) or (replicates, points). Each refit starts at the
     best fit moved by its sample's Gauss-Newton step (the linearised refit) and MINPACK takes
     it from there, falling back to the best fit itself if that fails. Rows that do not converge
-    are NaN.
+    are NaN, and so is every row where there is no best fit (a start that is not finite).
     """
+    refits = np.full((len(samples), len(start)), np.nan)
+    if not np.isfinite(start).all():
+        return refits
     with np.errstate(all="ignore"):
         step = np.einsum(
             "...pn,...n->...p",
             np.linalg.pinv(jacobian(*inputs, *start)),
             samples - law(*inputs, *start),
         )
-    refits = np.full((len(samples), len(start)), np.nan)
     for row, sample in enumerate(samples):
         arguments = tuple(x if x.ndim == 1 else x[row] for x in inputs)
         for first in (start + step[row], start):
