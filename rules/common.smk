@@ -17,6 +17,7 @@ from workflow.resources import (
     launch_command,
     rule_resources,
     train_resources,
+    training_priority,
     trunk_resources,
 )
 from workflow.runs import find_run, find_trunk, trained_runs

@@ -16,6 +16,7 @@ if config["train"]["schedule"] == "cosine":
         conda:
             "../envs/torch.yaml"
         threads: config["train"]["threads"]
+        priority: lambda wildcards: training_priority(run_of(wildcards))
         resources:
             **rule_resources(train_resources, config, run_of),
         params:
@@ -49,6 +50,7 @@ else:
         conda:
             "../envs/torch.yaml"
         threads: config["train"]["threads"]
+        priority: lambda wildcards: training_priority(trunk_of(wildcards))
         resources:
             **rule_resources(trunk_resources, config, trunk_of),
         params:
@@ -85,6 +87,7 @@ else:
         conda:
             "../envs/torch.yaml"
         threads: config["train"]["threads"]
+        priority: lambda wildcards: training_priority(run_of(wildcards))
         resources:
             **rule_resources(cooldown_resources, config, run_of),
         params:

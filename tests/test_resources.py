@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import REPO, load_config
+from conftest import REPO, load_config, snakemake
 
 from workflow.config import ConfigError, validate_config
 from workflow.resources import (
@@ -25,6 +25,7 @@ from workflow.resources import (
     launch_command,
     rule_resources,
     train_resources,
+    training_priority,
     trunk_resources,
 )
 from workflow.runs import find_run, find_trunk, trained_runs, trunks
@@ -266,3 +267,33 @@ def test_the_cost_table_prices_both_schedules(default_config):
     cooldowns = sum(run.tokens - run.branch_step * run.tokens_per_step for run in trained_runs(wsd))
     assert total["tokens_wsd"] == sum(trunk.tokens for trunk in trunks(wsd)) + cooldowns
     assert total["tokens_cosine"] == sum(run.tokens for run in trained_runs(config))
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_snakemake_starts_the_longest_training_job_first(default_config, tmp_path, schedule):
+    """Every train (and trunk) job of the planned DAG carries its compute's priority, so the
+    default's largest run no longer starts last and trains alone."""
+    default_config["train"]["schedule"] = schedule
+    config = validated(default_config)
+    planned = snakemake("-n", config=default_config, workdir=tmp_path).stdout
+    priorities = {}
+    for block in planned.split("\nrule ")[1:]:
+        rule = block.split(":")[0]
+        if rule not in ("train", "trunk"):
+            assert "priority:" not in block, block
+            continue
+        wildcards = dict(
+            re.findall(r"(\w+)=([^,\s]+)", block.split("wildcards: ")[1].split("\n")[0])
+        )
+        job = (
+            find_trunk(config, wildcards["dataset"], wildcards["size"])
+            if rule == "trunk"
+            else find_run(config, wildcards["dataset"], wildcards["size"], wildcards["multiplier"])
+        )
+        priorities[(rule, job.key)] = float(re.search(r"priority: (\S+)", block).group(1))
+        assert priorities[(rule, job.key)] == pytest.approx(training_priority(job))
+    runs = trained_runs(config)
+    assert len(priorities) == len(runs) + (len(trunks(config)) if schedule == "wsd" else 0)
+    largest = max(runs, key=lambda run: run.compute)
+    first = max(priorities, key=priorities.get)
+    assert first == (("trunk", largest.trunk_key) if schedule == "wsd" else ("train", largest.key))
