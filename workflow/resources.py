@@ -213,9 +213,9 @@ def training_priority(job: Run | Trunk) -> float:
     """A training job's Snakemake priority: log10 of the compute 6 N x tokens of what it trains
     (a cosine run's D, a trunk to its furthest branch point, a wsd run's cooldown), so that
     among the jobs ready to run the longest starts first. Started in any other order, the
-    largest run of a grid (the default's xl: about half its training time) may start
-    when the small ones are done and then train alone while the other cores idle. Evaluation
-    jobs keep Snakemake's priority 0: each waits until every training job has started."""
+    largest run of a grid may start when the small ones are done and then train alone while
+    the other cores idle. Evaluation jobs keep Snakemake's priority 0: none starts while a
+    training job waits for a core."""
     tokens = job.tokens if isinstance(job, Trunk) else job_tokens(job, (job.branch_step,))
     return math.log10(6.0 * job.n_params * tokens)
 
