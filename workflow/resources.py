@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from workflow import laws
 from workflow.config import ConfigError, validate_config
 from workflow.runs import Run, Trunk, branch_step, trained_runs, trunks
 
@@ -217,7 +218,7 @@ def training_priority(job: Run | Trunk) -> float:
     the other cores idle. Evaluation jobs keep Snakemake's priority 0: none starts while a
     training job waits for a core."""
     tokens = job.tokens if isinstance(job, Trunk) else job_tokens(job, (job.branch_step,))
-    return math.log10(6.0 * job.n_params * tokens)
+    return math.log10(laws.compute(job.n_params, tokens))
 
 
 def gpu_hours(config: dict, job: Run | Trunk, tokens: int | None = None) -> float:
