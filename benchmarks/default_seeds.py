@@ -33,6 +33,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from workflow.forms import ERROR, LOSS
+from workflow.ladder import OK
+
 REPO = Path(__file__).resolve().parents[1]
 # The share of a run's training steps whose curve is checked for rises (issue: "the last 20%").
 TAIL = 0.2
@@ -110,7 +113,7 @@ def tail_rise(curve: pd.DataFrame, window_share: float = 0.0) -> float:
 
 def final_losses(folder: Path, eval_name: str) -> pd.DataFrame:
     runs = pd.read_parquet(folder / "runs.parquet")
-    final = runs[runs["final"] & (runs["metric"] == "loss") & (runs["eval"] == eval_name)]
+    final = runs[runs["final"] & (runs["metric"] == LOSS) & (runs["eval"] == eval_name)]
     return final.set_index(["size", "M"])["value"]
 
 
@@ -167,7 +170,7 @@ def target_errors(fitted: dict[str, Path]) -> list[str]:
     predictions = []
     for name, folder in fitted.items():
         frame = pd.read_parquet(folder / "predictions.parquet")
-        targets = frame[(frame["role"] == "target") & frame["quantity"].isin(["loss", "error"])]
+        targets = frame[(frame["role"] == "target") & frame["quantity"].isin([LOSS, ERROR])]
         predictions.append(targets.assign(seed=name))
     targets = pd.concat(predictions)
     targets = targets[targets["predicted"].notna()]  # a failed fit predicts nothing
@@ -193,7 +196,7 @@ def flagged_fits(seeds: dict[str, Path]) -> pd.DataFrame:
     flagged = []
     for name, folder in seeds.items():
         fits = pd.read_parquet(folder / "fits.parquet")
-        fits = fits[fits["law"].isin(["loss", "error"]) & (fits["status"] != "ok")]
+        fits = fits[fits["law"].isin([LOSS, ERROR]) & (fits["status"] != OK)]
         flagged.append(fits.drop_duplicates(["form", "law", "eval"]).assign(seed=name))
     frame = pd.concat(flagged)
     if frame.empty:
@@ -205,7 +208,7 @@ def flagged_fits(seeds: dict[str, Path]) -> pd.DataFrame:
 def fit_compute(targets: pd.DataFrame, seeds: dict[str, Path]) -> float:
     """The largest compute among the loss law's fit points (the same in every seed)."""
     frame = pd.read_parquet(next(iter(seeds.values())) / "predictions.parquet")
-    return float(frame[(frame["role"] == "fit") & (frame["quantity"] == "loss")]["C"].max())
+    return float(frame[(frame["role"] == "fit") & (frame["quantity"] == LOSS)]["C"].max())
 
 
 def main(argv: list[str] | None = None) -> None:

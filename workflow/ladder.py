@@ -339,9 +339,10 @@ def _fit_quantity(
                 warnings[index] = reason
                 print(f"{measurements.dataset}: {where} is {status[index]}: {reason}", flush=True)
         solved.append((form, inputs, used, scale, solution, status, warnings))
-    for index, failure in failures.items():
-        if metric == LOSS and all(statuses[index] == FAILED for *_, statuses, _ in solved):
-            raise failure
+    if metric == LOSS:
+        for index, failure in failures.items():
+            if all(statuses[index] == FAILED for *_, statuses, _ in solved):
+                raise failure
     for index, eval_name in enumerate(evals):
         residuals, n_params = np.array([]), 0
         for form, inputs, used, scale, solution, status, _ in solved:
