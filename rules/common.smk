@@ -5,11 +5,17 @@ Rules never build paths inline; they call the functions here, which read the run
 """
 
 import json
-import os
 import sys
 
 from workflow.config import unusual_cost, validate_config
-from workflow.paths import RUN_PATTERN, TRUNK_PATTERN, Layout, checkpoint_path, trunk_state_steps
+from workflow.paths import (
+    RUN_PATTERN,
+    STEP_PATTERN,
+    TRUNK_PATTERN,
+    Layout,
+    checkpoint_name,
+    trunk_state_steps,
+)
 from workflow.resources import (
     downstream_resources,
     evaluate_resources,
@@ -49,11 +55,7 @@ wildcard_constraints:
 
 RUN_DIR = RUN_PATTERN
 TRUNK_DIR = TRUNK_PATTERN
-
-
-def out(*parts):
-    """A path under the configured results directory."""
-    return layout.path(*parts)
+STEP = STEP_PATTERN
 
 
 def as_json(payload):
@@ -236,7 +238,7 @@ def tokenizer_inputs(wildcards):
 
 
 def tokenizer_command(wildcards, input):
-    """workflow.tokenizer's subcommand: train on the corpus, or load the named tokenizer."""
+    """workflow.tokenization's subcommand: train on the corpus, or load the named tokenizer."""
     if config["tokenizer"]["train_on"]:
         return f"train --corpus {input[0]}"
     return f"pretrained --name {config['tokenizer']['pretrained']}"

@@ -1,6 +1,3 @@
-from workflow.paths import checkpoint_name
-
-
 rule build_suite:
     """The downstream task suite: offline items from held-out documents, or the paper's."""
     input:
@@ -27,18 +24,18 @@ rule evaluate_downstream:
         checkpoints=layout.checkpoints(RUN_DIR),
         suite=suite_dir(),
     output:
-        summary=layout.downstream_summary(RUN_DIR, "{step}", suite_name()),
-        results=layout.lm_eval_results(RUN_DIR, "{step}", suite_name()),
+        summary=layout.downstream_summary(RUN_DIR, STEP, suite_name()),
+        results=layout.lm_eval_results(RUN_DIR, STEP, suite_name()),
     log:
-        layout.log("evaluate_downstream", RUN_DIR, checkpoint_name("{step}")),
+        layout.log("evaluate_downstream", RUN_DIR, checkpoint_name(STEP)),
     benchmark:
-        layout.benchmark("evaluate_downstream", RUN_DIR, checkpoint_name("{step}"))
+        layout.benchmark("evaluate_downstream", RUN_DIR, checkpoint_name(STEP))
     conda:
         "../envs/downstream.yaml"
     resources:
         **rule_resources(downstream_resources, config, run_of),
     params:
-        checkpoint=checkpoint_path(layout.checkpoints(RUN_DIR), "{step}"),
+        checkpoint=layout.checkpoint(RUN_DIR, STEP),
         run=lambda wildcards: as_json(checkpoint_identity(run_of(wildcards), int(wildcards.step))),
         batch_size=config["downstream"]["batch_size"],
         device=config["train"]["device"],

@@ -1,23 +1,20 @@
-from workflow.paths import checkpoint_name
-
-
 rule evaluate_loss:
     """Validation loss of one checkpoint on every validation set, with bootstrap intervals."""
     input:
         checkpoints=layout.checkpoints(RUN_DIR),
         validation=[layout.tokens(name, "val") for name in validation_sets()],
     output:
-        [layout.loss_eval(RUN_DIR, "{step}", name) for name in validation_sets()],
+        [layout.loss_eval(RUN_DIR, STEP, name) for name in validation_sets()],
     log:
-        layout.log("evaluate", RUN_DIR, checkpoint_name("{step}")),
+        layout.log("evaluate", RUN_DIR, checkpoint_name(STEP)),
     benchmark:
-        layout.benchmark("evaluate", RUN_DIR, checkpoint_name("{step}"))
+        layout.benchmark("evaluate", RUN_DIR, checkpoint_name(STEP))
     conda:
         "../envs/torch.yaml"
     resources:
         **rule_resources(evaluate_resources, config, run_of),
     params:
-        checkpoint=checkpoint_path(layout.checkpoints(RUN_DIR), "{step}"),
+        checkpoint=layout.checkpoint(RUN_DIR, STEP),
         validation=as_json({name: layout.tokens(name, "val") for name in validation_sets()}),
         outputs=lambda wildcards, output: as_json(dict(zip(validation_sets(), output, strict=True))),
         run=lambda wildcards: as_json(checkpoint_identity(run_of(wildcards), int(wildcards.step))),

@@ -86,6 +86,18 @@ def test_forms_that_disagree_widen_each_others_intervals():
     assert disagree[1e20] == pytest.approx(agree[1e20])
 
 
+def test_a_form_that_predicted_nothing_leaves_the_others_spread_in_log_units():
+    """A failed form's NaN is not a prediction <= 0: the spread stays ln(3.3 / 3.0)."""
+    rows = ladder()
+    rows = pd.concat([rows, rows[rows["form"] == "paper"].assign(form="failed", predicted=np.nan)])
+    far = ladder()
+    far.loc[(far["form"] == "chinchilla") & (far["C"] == 1e21), "predicted"] = 3.3
+    rows.loc[(rows["form"] == "chinchilla") & (rows["C"] == 1e21), "predicted"] = 3.3
+    with_failed = widths(calibrate_table(rows, "val", 0.0))
+    without = widths(calibrate_table(far, "val", 0.0))
+    assert with_failed[1e21] == pytest.approx(without[1e21])
+
+
 def test_a_chained_prediction_carries_its_losses_uncertainty():
     loss = ladder()
     error = loss.assign(

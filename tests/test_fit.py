@@ -73,6 +73,12 @@ def test_too_few_points_fail_naming_dataset_law_and_points():
     assert "points: xs M=20 (" in message and "m M=20" in message
 
 
+@pytest.mark.parametrize("points", [{}, {"xs": [20]}])
+def test_a_ladder_of_fewer_than_two_fit_points_is_named_as_such(points):
+    with pytest.raises(FitError, match=r"^toy: loss law on val: [01] fit point\(s\) \(fit.loss"):
+        fit.fit_table(synthetic_runs(GRID), settings(loss_points=points))
+
+
 def test_a_loss_no_form_can_fit_fails_naming_dataset_law_and_points():
     """The paper form does not converge (no start survives the overflow) and Chinchilla's has
     four points for five parameters: the stage stops with the first form's reason."""
@@ -126,6 +132,22 @@ def test_a_loss_form_that_cannot_be_fitted_is_failed_and_the_others_still_predic
     chinchilla = targets.loc["chinchilla"]
     assert chinchilla[["predicted", "ci_low", "ci_high"]].notna().all().all()
     assert (chinchilla["relative_error"] < 0.03).all()
+
+
+def test_a_task_measured_on_no_fit_point_is_failed_and_the_others_still_predict():
+    """A long results table may score a task on some runs only: with none of them a fit point,
+    every form of that task is ``failed`` for lack of points, and the rest of the stage runs."""
+    rows = synthetic_runs(GRID, noise=2e-3, seed=5, errors=True)
+    late = rows[(rows["metric"] == ERROR) & (rows["size"] == "l") & (rows["M"] > 20)]
+    late = late.assign(metric="accuracy", eval="late_task", value=1 - late["value"])
+    predictions, fits = fit.fit_table(pd.concat([rows, late], ignore_index=True), settings())
+    task = fits[fits["eval"] == "late_task"].drop_duplicates("form")
+    assert set(task["form"]) == set(fits.loc[fits["eval"] == "avg", "form"])
+    assert (task["status"] == "failed").all()
+    assert task["warnings"].str.match(r"0 points for \d parameters").all()
+    assert predictions.loc[predictions["eval"] == "late_task", "predicted"].isna().all()
+    average = predictions[(predictions["eval"] == "avg") & (predictions["role"] == "target")]
+    assert average["predicted"].notna().any()
 
 
 def test_missing_fit_point_is_named():

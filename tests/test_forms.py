@@ -185,3 +185,12 @@ def test_huber_fitting_leaves_a_missing_loss_out():
     solution = form.fitting.fit(form.law, known.source, np.stack([values, gappy]), FIT_SETTINGS)
     assert solution.converged.all() and not solution.used[1, 5] and solution.used[0].all()
     np.testing.assert_allclose(solution.params[1], solution.params[0], rtol=1e-3)
+
+
+def test_only_an_exponential_straight_over_the_fit_points_is_degenerate():
+    """gamma near 0 either way is a line; a steep curve is a law, rising (gamma < 0) or not."""
+    loss = (np.linspace(2.3, 6.0, 8),)
+    assert EXPONENTIAL.degenerate(loss, np.array(TRUE_ERROR)) is None
+    assert EXPONENTIAL.degenerate(loss, np.array([0.5, -0.001, -1.5])) is None
+    for gamma in (1e-4, -1e-4):
+        assert "a straight line" in EXPONENTIAL.degenerate(loss, np.array([5.0, 4.5, gamma]))

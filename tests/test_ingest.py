@@ -14,7 +14,7 @@ from conftest import REPO, snakemake
 from test_released import exp_data
 
 from workflow import forms
-from workflow.ingest import TableError, ingest, size_name
+from workflow.ingest import ResultsTableError, ingest, size_name
 from workflow.settings import IngestSettings
 
 WITHOUT_INTERVALS = [
@@ -180,7 +180,7 @@ def broken(ladder: pd.DataFrame, how: str) -> pd.DataFrame:
 def test_a_bad_table_fails_naming_the_file_the_row_and_the_column(tmp_path, how, message):
     table = tmp_path / "bad.csv"
     broken(synthetic_ladder(), how).to_csv(table, index=False)
-    with pytest.raises(TableError, match=re.escape(str(table)) + ".*" + message):
+    with pytest.raises(ResultsTableError, match=re.escape(str(table)) + ".*" + message):
         ingest(table, settings(), tmp_path / "runs.parquet")
     assert not (tmp_path / "runs.parquet").exists()
 
@@ -191,7 +191,8 @@ def test_a_fit_point_the_table_lacks_fails_naming_the_runs_it_has(tmp_path):
     missing = IngestSettings(
         columns=None, loss_points={"20M": [40]}, error_points={}, loss_eval="val"
     )
-    with pytest.raises(TableError, match=r"fit\.loss\.points: 20M M=40 is not a run .*20M M=80"):
+    points = r"fit\.loss\.points: 20M M=40 is not a run .*20M M=80"
+    with pytest.raises(ResultsTableError, match=points):
         ingest(table, missing, tmp_path / "runs.parquet")
 
 
@@ -199,7 +200,7 @@ def test_a_wide_table_with_a_missing_value_names_its_column(tmp_path):
     wide = wide_version(synthetic_ladder())
     wide.loc[2, "loss_ood"] = np.nan
     wide.to_csv(tmp_path / "w.csv", index=False)
-    with pytest.raises(TableError, match=r"row 3, column 'loss_ood': missing value"):
+    with pytest.raises(ResultsTableError, match=r"row 3, column 'loss_ood': missing value"):
         ingest(tmp_path / "w.csv", settings(WIDE_COLUMNS), tmp_path / "runs.parquet")
 
 

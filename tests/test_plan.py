@@ -66,6 +66,18 @@ def test_serving_tokens_recommends_a_smaller_more_over_trained_model(runs):
         assert neighbour > serving.loss
 
 
+@pytest.mark.parametrize("inference_tokens", [1e22, 1e21 / 2 * (1 - 1e-12)])
+def test_a_budget_that_serving_alone_spends_is_named(runs, inference_tokens):
+    with pytest.raises(FitError, match=r"tokens alone costs more than 1e\+21 FLOPs"):
+        plan.plan(runs, settings(), "toy", "val", 1e21, inference_tokens=inference_tokens)
+
+
+@pytest.mark.parametrize(("budget", "inference_tokens"), [(0.0, 0.0), (BUDGET, -1.0)])
+def test_a_budget_or_served_tokens_that_make_no_sense_are_named(runs, budget, inference_tokens):
+    with pytest.raises(FitError, match=r"a plan needs a positive budget"):
+        plan.plan(runs, settings(), "toy", "val", budget, inference_tokens=inference_tokens)
+
+
 def test_an_unknown_dataset_is_named(runs):
     with pytest.raises(FitError, match=r"'nope'.*toy"):
         plan.plan(runs, settings(), "nope", "val", BUDGET)

@@ -1,7 +1,8 @@
 """Calibrated 95% prediction intervals: the bootstrap's, widened by what makes extrapolations miss.
 
 The bootstrap (``workflow.bootstrap``) covers only the fit points' evaluation noise; on the
-paper's released testbed its intervals held 7-10% of the in-distribution loss targets. Here
+paper's released testbed its intervals held few of the in-distribution loss targets (README,
+"What the intervals cover"). Here
 each prediction y^ gets, in log space (a miss is e = ln(y / y^)), an extra sd x beside the
 bootstrap's, and the interval is
 
@@ -26,7 +27,7 @@ asymmetry kept), and
   ladder widens its own intervals.
 - D: the spread of ln(prediction) across forms of one family at the same run (the loss forms;
   the chains that end in one downstream form): a lower bound on the form's own error.
-- run_sd: ``fit.run_sd``, a relative sd measured from replicate seeds (default 0).
+- run_sd: ``fit.run_sd``, a relative sd measured from replicate seeds.
 - g x_loss: for a prediction chained on a predicted loss, that loss's x times the elasticity
   g = |d ln y / d ln L| of the downstream form at the predicted loss.
 
@@ -79,8 +80,11 @@ def distances(
     compute: np.ndarray, multiplier: np.ndarray, fit_compute: np.ndarray, fit_multiplier: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(dC, dMo, dMu) in decades: compute outside the fit points' range (either side), M above
-    their largest M, M below their smallest M; zero inside."""
+    their largest M, M below their smallest M; zero inside, and zero everywhere for a law with
+    no measured fit point (a task measured only on other runs: it predicts nothing)."""
     log_c, log_m = np.log10(np.asarray(compute, float)), np.log10(np.asarray(multiplier, float))
+    if not len(fit_compute):
+        return np.zeros_like(log_c), np.zeros_like(log_c), np.zeros_like(log_c)
     fit_c, fit_m = np.log10(fit_compute), np.log10(fit_multiplier)
     outside_c = np.maximum(0.0, log_c - fit_c.max()) + np.maximum(0.0, fit_c.min() - log_c)
     return outside_c, np.maximum(0.0, log_m - fit_m.max()), np.maximum(0.0, fit_m.min() - log_m)
@@ -194,7 +198,8 @@ def form_spread(rows: pd.DataFrame, reference: float) -> np.ndarray:
     log_spread = by_log.transform("max") - by_log.transform("min")
     unit = abs(reference) if np.isfinite(reference) and reference != 0 else 1.0
     linear_spread = (by_value.transform("max") - by_value.transform("min")) / unit
-    all_positive = logs.notna().groupby(run).transform("all")
+    # a form that predicted nothing (failed) leaves the others' spread in log units
+    all_positive = (predicted.isna() | (predicted > 0)).groupby(run).transform("all")
     spread = np.asarray(np.where(all_positive, log_spread, linear_spread), float)
     return np.where(np.isfinite(spread), spread, 0.0)
 

@@ -12,6 +12,7 @@ by dataset, one marker per form; each panel's legend gives the coverage per data
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 import matplotlib
@@ -22,15 +23,19 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from workflow.atomic import atomic_path
+from workflow.forms import LOSS
+from workflow.plots import save_figure
+from workflow.tables import TableError, read_predictions_table
+from workflow.targets import measured_targets
 
 MARKERS = "osD^vP*X"
 
 
 def panels(predictions: pd.DataFrame, loss_eval: str) -> dict[str, pd.DataFrame]:
-    """The measured targets, split into the figure's panels (empty ones left out)."""
-    measured = predictions[(predictions["role"] == "target") & predictions["actual"].notna()]
-    loss = measured["quantity"] == "loss"
+    """The measured and predicted targets, split into the figure's panels (empty ones left
+    out; a form that could not be fitted predicts nothing to draw)."""
+    measured = measured_targets(predictions)
+    loss = measured["quantity"] == LOSS
     chosen = {
         f"loss on {loss_eval}": measured[loss & (measured["eval"] == loss_eval)],
         "every other loss": measured[loss & (measured["eval"] != loss_eval)],
@@ -51,7 +56,7 @@ def draw(predictions: pd.DataFrame, loss_eval: str, out: str) -> None:
     colours = dict(zip(datasets, plt.cm.tab10.colors, strict=False))
     for axis, (title, rows) in zip(axes[0], shown.items(), strict=False):
         for (dataset, form), group in rows.groupby(["dataset", "form"], sort=False):
-            inside = (group["actual"] >= group["ci_low"]) & (group["actual"] <= group["ci_high"])
+            inside = int(group["inside"].astype(bool).sum())
             axis.errorbar(
                 group["actual"],
                 group["predicted"],
@@ -64,7 +69,7 @@ def draw(predictions: pd.DataFrame, loss_eval: str, out: str) -> None:
                 markersize=4,
                 elinewidth=0.8,
                 alpha=0.75,
-                label=f"{dataset} {form}: {inside.sum()}/{len(group)} inside",
+                label=f"{dataset} {form}: {inside}/{len(group)} inside",
             )
         # The axes span the values, not the intervals: a wild interval runs off the panel
         # rather than squashing every point into a corner.
@@ -81,9 +86,7 @@ def draw(predictions: pd.DataFrame, loss_eval: str, out: str) -> None:
         axis.legend(fontsize=7, loc="upper left")
     figure.suptitle("Predicted against actual for every measured target")
     figure.tight_layout()
-    with atomic_path(out) as temporary:
-        figure.savefig(temporary, dpi=110, format="png")
-    plt.close(figure)
+    save_figure(figure, out)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -92,7 +95,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--loss-eval", required=True, help="the loss the laws are plotted on")
     parser.add_argument("--out", required=True, help="PNG to write")
     args = parser.parse_args(argv)
-    draw(pd.read_parquet(args.predictions), args.loss_eval, args.out)
+    try:
+        predictions = read_predictions_table(args.predictions)
+    except TableError as error:
+        sys.exit(f"calibration_view: {error}")
+    draw(predictions, args.loss_eval, args.out)
     print(f"wrote {args.out}")
 
 

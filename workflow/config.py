@@ -181,15 +181,15 @@ def check_config(config: dict) -> None:
                         f"fit.{law}.points.{size}: M={multiplier} is not trained in 'grid'; "
                         f"trained runs: {sorted(trained)}"
                     )
-    loss_eval = config["fit"]["error"].get("loss_eval")
+    loss_eval = config["fit"]["error"]["loss_eval"]
     validation_sets = config["validation"]["sets"]
-    if loss_eval and not config.get("released_dir") and loss_eval not in validation_sets:
+    if loss_eval and loss_eval not in validation_sets:
         raise ConfigError(
             f"fit.error.loss_eval: {loss_eval!r} is not a validation set; "
             f"allowed: {validation_sets} (validation.sets)"
         )
     by_size = {
-        "fit.predict": config["fit"].get("predict", {}),
+        "fit.predict": config["fit"]["predict"],
         "cluster.tokens_per_second": config["cluster"]["tokens_per_second"],
         "cluster.gpus": config["cluster"]["gpus"],
     }

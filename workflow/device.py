@@ -30,7 +30,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def peak_tflops(device: torch.device, configured: float | None) -> float | None:
-    """Peak FLOP/s of one device for the MFU: as configured, or known by the GPU's name."""
+    """Peak TFLOP/s of one device for the MFU: as configured, or known by the GPU's name."""
     if configured or device.type != "cuda":
         return configured
     name = torch.cuda.get_device_name(device)

@@ -25,14 +25,12 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from statistics import NormalDist
 
 from workflow.atomic import atomic_path, write_json
 from workflow.errors import TrainError
 from workflow.integrity import DamagedOutputError, check_checkpoint
+from workflow.intervals import Z_95
 from workflow.suite import SuiteError, TaskSpec, read_manifest
-
-Z_95 = NormalDist().inv_cdf(0.975)
 
 
 def normal_interval(value: float, stderr: float | None) -> tuple[float | None, float | None]:

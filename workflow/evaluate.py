@@ -3,8 +3,8 @@
 Each set is cut into the same sequences for every model, so differences between models are
 not sampling noise: ``max_tokens // context_length`` windows spread evenly over the whole
 validation split (all of it when it is smaller). Taking the split's first ``max_tokens`` tokens
-instead would score a handful of documents when they are long (the default's docs_en: 32,768
-tokens are 12 of its 104), and a model's loss on those few would stand for the distribution.
+instead would score a handful of documents when they are long (as the default's docs_en's
+are), and a model's loss on those few would stand for the distribution.
 The 95% interval is a bootstrap over sequences, as the paper reports it.
 """
 
@@ -27,6 +27,7 @@ from workflow.atomic import write_json
 from workflow.device import resolve_device
 from workflow.errors import TrainError
 from workflow.integrity import DamagedOutputError, check_checkpoint
+from workflow.intervals import TAILS_95
 from workflow.shards import TokenShards
 
 
@@ -65,14 +66,11 @@ def sequence_losses(
     return np.concatenate(losses)
 
 
-def bootstrap_interval(
-    values: np.ndarray, resamples: int, seed: int = 0, level: float = 0.95
-) -> tuple[float, float]:
-    """Percentile interval of the mean under resampling ``values`` with replacement."""
+def bootstrap_interval(values: np.ndarray, resamples: int, seed: int = 0) -> tuple[float, float]:
+    """The 95% percentile interval of the mean under resampling ``values`` with replacement."""
     rng = np.random.default_rng(seed)
     means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
+    low, high = np.percentile(means, TAILS_95)  # NaN, as the loss itself, if a loss is NaN
     return float(low), float(high)
 
 

@@ -113,7 +113,7 @@ CHINCHILLA_GRID = np.array(
 )
 
 
-def paper_starts(settings: FitSettings, inputs: tuple = (), values: ArrayLike = ()) -> np.ndarray:
+def paper_starts(settings: FitSettings, inputs: tuple, values: ArrayLike) -> np.ndarray:
     """``settings.starts`` starting points: the paper's 128, an evenly spaced subset, or 128
     plus random ones (drawn with ``settings.seed``)."""
     count = settings.starts
@@ -162,8 +162,8 @@ def logit_starts(design: Callable[..., list[np.ndarray]]) -> Callable:
 
     def starts(settings: FitSettings, inputs: tuple, values: np.ndarray) -> np.ndarray:
         columns = np.column_stack(design(*inputs))
-        if not len(values):
-            return np.zeros((1, columns.shape[1] + 1))
+        if not len(values):  # no measured point: the problem fails, but keeps the batch's shape
+            return np.zeros((2, columns.shape[1] + 1))
         logits = _logit(np.clip(values, LOGIT_MARGIN, 1 - LOGIT_MARGIN))
         centre = columns.mean(axis=0)
         slopes = np.linalg.lstsq(columns - centre, logits - logits.mean(), rcond=None)[0]
@@ -197,7 +197,7 @@ def straight_error_law(inputs: tuple, params: np.ndarray) -> str | None:
     identified, and epsilon and k are meaningless apart."""
     (loss,) = inputs
     gamma = params[2]
-    if not gamma * np.ptp(loss) < LINEAR_ERROR_LAW:
+    if not abs(gamma) * np.ptp(loss) < LINEAR_ERROR_LAW:
         return None
     return (
         f"a straight line over the fit points, {describe_line(params)} (as gamma goes to 0, "

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from workflow.settings import IngestSettings
-from workflow.tables import write_runs_table
+from workflow.tables import runs_at, write_runs_table
 
 METRICS = ("loss", "accuracy", "error")
 LONG_REQUIRED = ("dataset", "N", "D", "metric", "eval", "value")
@@ -44,7 +44,7 @@ LONG_OPTIONAL = (
 FIRST_ROW = 1
 
 
-class TableError(ValueError):
+class ResultsTableError(ValueError):
     """A results table that cannot be fitted; the message names the file, row and column."""
 
 
@@ -57,8 +57,10 @@ def read_table(path: str | Path) -> pd.DataFrame:
         if path.suffix.lower() in (".csv", ".tsv"):
             return pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",")
     except (OSError, ValueError) as error:
-        raise TableError(f"{path}: cannot be read: {error}") from None
-    raise TableError(f"{path}: unknown format {path.suffix!r}; allowed: .csv, .tsv, .parquet")
+        raise ResultsTableError(f"{path}: cannot be read: {error}") from None
+    raise ResultsTableError(
+        f"{path}: unknown format {path.suffix!r}; allowed: .csv, .tsv, .parquet"
+    )
 
 
 def size_name(n_params: int) -> str:
@@ -68,14 +70,14 @@ def size_name(n_params: int) -> str:
     return f"{n_params / 1e6:.3g}M"
 
 
-def _fail(source: str, row: int, column: str, problem: str) -> TableError:
-    return TableError(f"{source}: row {row + FIRST_ROW}, column {column!r}: {problem}")
+def _fail(source: str, row: int, column: str, problem: str) -> ResultsTableError:
+    return ResultsTableError(f"{source}: row {row + FIRST_ROW}, column {column!r}: {problem}")
 
 
 def _require_columns(frame: pd.DataFrame, columns: Sequence[str], source: str, why: str) -> None:
     missing = [column for column in columns if column not in frame.columns]
     if missing:
-        raise TableError(
+        raise ResultsTableError(
             f"{source}: missing column(s) {missing} ({why}); the table has {list(frame.columns)}"
         )
 
@@ -138,7 +140,7 @@ def normalise(frame: pd.DataFrame, source: str) -> pd.DataFrame:
     _require_columns(frame, LONG_REQUIRED, source, "required in the long layout")
     unknown = sorted(set(frame.columns) - set(LONG_REQUIRED) - set(LONG_OPTIONAL))
     if unknown:
-        raise TableError(
+        raise ResultsTableError(
             f"{source}: unknown column(s) {unknown}; allowed: "
             f"{list(LONG_REQUIRED) + list(LONG_OPTIONAL)} (a table with one column per "
             "evaluation is the wide layout: name its columns under `columns` in the config)"
@@ -202,7 +204,7 @@ def _check_runs(table: pd.DataFrame, source: str) -> None:
         rows = table[duplicated]
         first = rows.iloc[0]
         same = rows[(rows[key] == first[key]).all(axis=1)].index + FIRST_ROW
-        raise TableError(
+        raise ResultsTableError(
             f"{source}: rows {list(same)} are the same evaluation ({first['metric']} "
             f"{first['eval']!r} of {first['dataset']} {first['size']} D={first['D']} at "
             f"{first['tokens']} tokens); keep one"
@@ -219,16 +221,15 @@ def check_fit_points(table: pd.DataFrame, settings: IngestSettings, source: str)
         for law, points in (("loss", settings.loss_points), ("error", settings.error_points)):
             for size, multipliers in points.items():
                 for multiplier in multipliers:
-                    match = (runs["size"] == size) & np.isclose(runs["M"], multiplier, rtol=1e-6)
-                    if not match.any():
-                        raise TableError(
+                    if not runs_at(runs["size"], runs["M"], size, multiplier).any():
+                        raise ResultsTableError(
                             f"{source}: fit.{law}.points: {size} M={multiplier:g} is not a run of "
                             f"dataset {dataset!r}; its runs: {held}"
                         )
         losses = sorted(rows.loc[rows["metric"] == "loss", "eval"].unique())
         downstream = rows["metric"].isin(["error", "accuracy"]).any()
         if downstream and settings.loss_eval not in losses:
-            raise TableError(
+            raise ResultsTableError(
                 f"{source}: fit.error.loss_eval: {settings.loss_eval!r} is not a loss of dataset "
                 f"{dataset!r}; its losses: {losses}"
             )
@@ -253,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         frame = ingest(args.table, IngestSettings.from_json(args.settings), args.out)
-    except TableError as error:
+    except ResultsTableError as error:
         sys.exit(f"ingest: {error}")
     runs = frame[frame["final"]][["dataset", "size", "M"]].drop_duplicates()
     print(f"wrote {len(frame)} rows of {len(runs)} runs from {args.table} to {args.out}")

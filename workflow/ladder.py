@@ -28,6 +28,7 @@ from workflow.errors import FitError
 from workflow.forms import ACCURACY, ERROR, LOSS, SIZE, Form
 from workflow.intervals import Z_95
 from workflow.settings import FitSettings
+from workflow.tables import runs_at
 
 DOWNSTREAM = (ERROR, ACCURACY)  # fitted in this order, so the error averages' draws come first
 # A fit's status; an implausible one converged to parameters that make no sense
@@ -167,9 +168,7 @@ class LadderMeasurements:
         selected = np.zeros(len(self.table), dtype=bool)
         for size, multipliers in points.items():
             for multiplier in multipliers:
-                match = (self.table["size"] == size).to_numpy() & np.isclose(
-                    self.table["M"].to_numpy(float), float(multiplier), rtol=1e-9
-                )
+                match = runs_at(self.table["size"], self.table["M"], size, multiplier)
                 if not match.any():
                     raise FitError(
                         f"{self.dataset}: the {law} law's fit point {size} M={multiplier:g} has "
@@ -222,8 +221,8 @@ def fit_ladder(dataset: str, final: pd.DataFrame, settings: FitSettings) -> Ladd
     loss_eval = settings.loss_eval
     if loss_eval not in measurements.evals(LOSS):
         raise FitError(
-            f"{dataset}: no loss evaluation {loss_eval!r} (error.loss_eval, the loss the "
-            f"error law is fitted on); available: {measurements.evals(LOSS)}"
+            f"{dataset}: no loss evaluation {loss_eval!r} (fit.error.loss_eval, or plan's "
+            f"--eval: the loss the error law is fitted on); available: {measurements.evals(LOSS)}"
         )
     rng = np.random.default_rng([settings.seed, zlib.crc32(dataset.encode())])
     sizes = measurements.sizes()

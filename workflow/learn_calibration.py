@@ -8,7 +8,8 @@ ladder's fit-point layout shows only a few distances, so the released testbed (t
 over-trained fit points, and every loss target of every layout is a training example. The
 constants minimise the interval score (Gneiting and Raftery 2007) of the central 80% interval,
 with every (layout, dataset, evaluation) weighted equally; the 95% interval then assumes normal
-tails, which is less sensitive to the few 15% misses of the smallest models.
+tails, which is less sensitive to the few large misses of the smallest models (README,
+"What the intervals cover").
 
 Leave-one-dataset-out: constants learned on two datasets, applied to the third under the
 paper's layout, and its coverage per quantity and form printed (README, "What the intervals
@@ -26,12 +27,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -40,12 +39,14 @@ from scipy.optimize import minimize
 from scipy.stats import norm
 
 from workflow import calibration
+from workflow.atomic import write_json
 from workflow.config import validate_config
+from workflow.paths import Layout, preset_file
 from workflow.predict import uncalibrated_predictions
 from workflow.released import ingest
 from workflow.settings import FitSettings, fit_settings
 
-PRESET = Path(__file__).resolve().parents[1] / "presets" / "paper-released.yaml"
+PRESET = preset_file("paper-released")
 
 ALPHA = 0.2  # the central interval the constants are learned on
 # The goals of the 95% intervals, per held-out dataset: the share of actuals inside, and the
@@ -269,7 +270,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = fit_settings(validate_config({**preset, "released_dir": args.exp_data}))
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
-        runs = ingest(args.exp_data, Path(scratch, "runs.parquet"), Path(scratch, "groups.json"))
+        scratch_layout = Layout(scratch)
+        runs = ingest(args.exp_data, scratch_layout.runs_table(), scratch_layout.error_groups())
     predictions = layout_predictions(runs, settings)
     examples = loss_examples(predictions)
     fitted = time.perf_counter()
@@ -288,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "leave_one_dataset_out": table.to_dict("records"),
             "shared_goal_scales": shared.to_dict("records"),
         }
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.json, report)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 
 A path is built from the results directory, a run's key (``{dataset}/{size}/M{multiplier}``,
 or that pattern itself when a rule declares its wildcards) and a checkpoint step (an int, or
-the ``{step}`` wildcard). Stages are handed their output paths by the rules; the one name a
-stage needs on its own is a checkpoint's folder inside a run's checkpoints, from
-``checkpoint_name``, and the files of a prepared corpus folder.
+``STEP_PATTERN``, the ``{step}`` wildcard). Stages are handed their output paths by the rules;
+the names a stage needs on its own inside a folder it was handed (a checkpoint's folder, a
+lock, a resume state, a trunk's spec and states, the files of a prepared corpus) come from
+this module's functions.
 """
 
 from __future__ import annotations
@@ -15,6 +16,11 @@ from pathlib import Path
 RUN_PATTERN = "{dataset}/{size}/M{multiplier}"
 TRUNK_PATTERN = "{dataset}/{size}"
 STEP_PATTERN = "{step}"
+
+
+def preset_file(name: str) -> Path:
+    """A config shipped in the repository's ``presets/`` folder, by its name."""
+    return Path(__file__).resolve().parents[1] / "presets" / f"{name}.yaml"
 
 
 def corpus_file(corpus_dir: str | Path, split: str) -> str:
@@ -108,6 +114,10 @@ class Layout:
     # Training
     def checkpoints(self, run_key: str) -> str:
         return self.path("runs", run_key, "checkpoints")
+
+    def checkpoint(self, run_key: str, step: int | str) -> str:
+        """One checkpoint's folder among a run's checkpoints."""
+        return checkpoint_path(self.checkpoints(run_key), step)
 
     def curve(self, run_key: str) -> str:
         return self.path("runs", run_key, "curve.parquet")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import math
 import sys
 from collections.abc import Sequence
@@ -31,11 +30,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 from scipy.optimize import minimize_scalar
 
 from workflow import laws
-from workflow.config import ConfigError, validate_config
+from workflow.atomic import write_json
+from workflow.config import ConfigError, load_config_file, validate_config
 from workflow.errors import FitError
 from workflow.forms import ERROR, EXPONENTIAL, LOSS, PAPER
 from workflow.intervals import percentile_interval
@@ -69,7 +68,7 @@ class Plan:
     error_group: str | None
     error: float | None
     error_ci: tuple[float, float] | None
-    error_status: str | None  # the error law's fit: ok, degenerate or failed
+    error_status: str | None  # the error law's fit: ok, degenerate, implausible or failed
     error_clipped: str | None  # 'prediction' or 'interval' where [0, 1] cut it
     M_ci: tuple[float, float]
     compute_over_largest_fit: float
@@ -91,6 +90,12 @@ def best_size(loss_params: np.ndarray, budget: float, inference_tokens: float) -
         return laws.params_for_compute(budget, laws.optimal_multiplier(*loss_params[1:]))
     # N at which serving alone spends the budget: no training tokens are left beyond it.
     ceiling = budget / (INFERENCE_FLOPS_PER_TOKEN_PER_PARAMETER * inference_tokens)
+    largest = math.log(ceiling) - 1e-9  # the search's upper bound, in log N
+    if largest <= 0:
+        raise FitError(
+            f"serving {inference_tokens:g} tokens alone costs more than {budget:g} FLOPs, "
+            "even with one parameter"
+        )
 
     def predicted(log_n: float) -> float:
         n_params = math.exp(log_n)
@@ -99,9 +104,7 @@ def best_size(loss_params: np.ndarray, budget: float, inference_tokens: float) -
             return math.inf
         return float(PAPER.predict((n_params, tokens), loss_params))
 
-    result = minimize_scalar(
-        predicted, bounds=(math.log(1.0), math.log(ceiling) - 1e-9), method="bounded"
-    )
+    result = minimize_scalar(predicted, bounds=(math.log(1.0), largest), method="bounded")
     return math.exp(result.x)
 
 
@@ -136,6 +139,11 @@ def plan(
     is ``eval_name``'s, and the error law is fitted on it, so the chain is one. The plan is
     the paper's chain: its loss form (whose compute-optimal M* is closed-form), then its
     error law."""
+    if not (budget > 0 and inference_tokens >= 0):
+        raise FitError(
+            f"a plan needs a positive budget and no negative served tokens; got --budget "
+            f"{budget:g}, --inference-tokens {inference_tokens:g}"
+        )
     final = runs_table[runs_table["final"].astype(bool) & (runs_table["dataset"] == dataset)]
     if final.empty:
         datasets = sorted(runs_table["dataset"].unique())
@@ -157,10 +165,6 @@ def plan(
             f"{budget:g} FLOPs"
         )
     tokens = float(tokens_for(np.array(n_params), budget, inference_tokens))
-    if tokens <= 0:
-        raise FitError(
-            f"serving {inference_tokens:g} tokens alone costs more than {budget:g} FLOPs"
-        )
     converged = fitted.replicates[np.isfinite(fitted.replicates).all(axis=1)]
     replicate_m = np.array(
         [
@@ -265,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--json", help="also write the plan here as JSON")
     args = parser.parse_args(argv)
     try:
-        config = yaml.safe_load(Path(args.configfile).read_text())
+        config = load_config_file(args.configfile)
         if args.released_dir:
             config["released_dir"] = args.released_dir
         validate_config(config)
@@ -289,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not measured_elsewhere(config):
         print(ladder_cost(config))
     if args.json:
-        Path(args.json).write_text(json.dumps(asdict(recommended), indent=2) + "\n")
+        write_json(args.json, asdict(recommended))
 
 
 if __name__ == "__main__":

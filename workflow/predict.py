@@ -240,9 +240,11 @@ def relative_error(predicted: np.ndarray, actual: np.ndarray) -> np.ndarray:
 
 
 def inside_interval(actual: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
-    """Whether each actual value lies in its interval; None where there is no actual."""
+    """Whether each actual value lies in its interval; None where there is no actual, or no
+    interval (a form that could not be fitted predicts nothing, so it cannot miss)."""
     inside = (actual >= low) & (actual <= high)
-    return np.where(np.isnan(actual), None, inside).astype(object)
+    unknown = np.isnan(actual) | np.isnan(low) | np.isnan(high)
+    return np.where(unknown, None, inside).astype(object)
 
 
 def _as_columns(params: np.ndarray) -> list[np.ndarray]:

@@ -9,9 +9,9 @@ its 17-task split (``avg17``). A task's ``chance`` is its random baseline in eva
 The 17 tasks are derived from the data with the paper's rule -- a task is kept when some
 0.154B model (any multiplier, any dataset) is at least 10 points above the task's random
 baseline in eval_metadata.csv -- rather than copied, so the rule is checked, not trusted. The
-task lists are written beside runs.parquet as JSON.
+task lists are written as JSON to ``--groups``.
 
-``python -m workflow.released --exp-data DIR --out RUNS_PARQUET [--groups JSON]``
+``python -m workflow.released --exp-data DIR --out RUNS_PARQUET --groups JSON``
 """
 
 from __future__ import annotations
@@ -193,17 +193,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--exp-data", required=True, help="released exp_data directory")
     parser.add_argument("--out", required=True, help="runs.parquet to write")
-    parser.add_argument(
-        "--groups", help="task groups JSON to write (default: error_groups.json beside --out)"
-    )
+    parser.add_argument("--groups", required=True, help="task groups JSON to write")
     args = parser.parse_args(argv)
-    groups = args.groups or Path(args.out).with_name("error_groups.json")
     try:
-        frame = ingest(args.exp_data, args.out, groups)
+        frame = ingest(args.exp_data, args.out, args.groups)
     except ReleasedDataError as error:
         raise SystemExit(f"released: {error}") from None
     runs = frame[["dataset", "size", "M"]].drop_duplicates()
-    print(f"wrote {len(frame)} rows of {len(runs)} runs to {args.out}; task groups to {groups}")
+    print(f"wrote {len(frame)} rows of {len(runs)} runs to {args.out}")
+    print(f"task groups to {args.groups}")
 
 
 if __name__ == "__main__":

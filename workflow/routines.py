@@ -235,7 +235,9 @@ class HuberOnLogLoss:
         ok = np.isfinite(value.min(axis=1))
         params = _params(theta[winner], centre)
         params[~ok] = np.nan
-        failure = f"L-BFGS converged from none of the {len(self.grid)} starts"
+        failure = (
+            f"L-BFGS converged from none of the {POLISHED_STARTS} best of {len(self.grid)} starts"
+        )
         return Solution(params, ok, theta[winner], np.isfinite(losses), failure)
 
     def refit(

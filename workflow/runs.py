@@ -239,7 +239,7 @@ def untrained_targets(config: dict) -> list[Run]:
     return [
         make_run(config, dataset, size, multiplier, trained=False)
         for dataset in config["grid"]
-        for size, multipliers in config["fit"].get("predict", {}).items()
+        for size, multipliers in config["fit"]["predict"].items()
         for multiplier in multipliers
         if (dataset, size, float(multiplier)) not in trained
     ]

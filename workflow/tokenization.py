@@ -8,7 +8,7 @@ the eos token as the prefix of rolling-loglikelihood windows, so both see the sa
     python -m workflow.tokenization train --corpus TRAIN_JSONL --vocab-size V --out DIR
     python -m workflow.tokenization pretrained --name NAME --vocab-size V --out DIR
     python -m workflow.tokenization encode --tokenizer DIR --corpus JSONL --out SHARD_DIR \
-        [--shard-tokens N]
+        --shard-tokens N
 
 Every subcommand takes ``--threads T`` (the Rust thread pool; default: RAYON_NUM_THREADS if
 set, else every core).
@@ -205,7 +205,9 @@ def main(argv: list[str] | None = None) -> None:
     encode.add_argument("--tokenizer", required=True, help="tokenizer directory")
     encode.add_argument("--corpus", required=True, help="JSONL of the prepare stage")
     encode.add_argument("--out", required=True, help="shard directory to write")
-    encode.add_argument("--shard-tokens", type=int, default=2**28)
+    encode.add_argument(
+        "--shard-tokens", type=int, required=True, help="ids per shard (tokenizer.shard_tokens)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr
