@@ -2,9 +2,8 @@
 
 The bootstrap (``workflow.bootstrap``) covers only the fit points' evaluation noise; on the
 paper's released testbed its intervals held few of the in-distribution loss targets (README,
-"What the intervals cover"). Here
-each prediction y^ gets, in log space (a miss is e = ln(y / y^)), an extra sd x beside the
-bootstrap's, and the interval is
+"What the intervals cover"). Here each prediction y^ gets, in log space (a miss is
+e = ln(y / y^)), an extra sd x beside the bootstrap's, and the interval is
 
     [y^ exp(-1.96 sqrt(b_lo^2 + x^2)),  y^ exp(+1.96 sqrt(b_hi^2 + x^2))]
 

@@ -6,9 +6,9 @@ figure. A coverage table counts, over every evaluation, the targets whose actual
 inside the 95% interval. Rows are the targets of predictions.parquet that have an actual
 value, for the loss of the validation set the laws are plotted on and for every task group's
 error, every form (and chain) side by side; the worst relative error per (dataset, quantity,
-form) is summarised above the table. The tasks' accuracies, one row
-per task and chain in predictions.parquet, are summarised instead, split by the predictability
-flag of fits.parquet, with each task's flag per dataset. A target whose form predicted
+form) is summarised above the table. The tasks' accuracies, one row per task and chain in
+predictions.parquet, are summarised instead, split by the predictability flag of fits.parquet,
+with each task's flag per dataset. A target whose form predicted
 nothing (its fit `failed`) is left out of every table; the list of fits that are not ok names
 that fit. Written as one self-contained HTML file, which Snakemake's report embeds as it is.
 
@@ -26,7 +26,7 @@ import pandas as pd
 
 from workflow.atomic import atomic_path
 from workflow.forms import ACCURACY
-from workflow.ladder import SIGNAL_SDS
+from workflow.ladder import OK, SIGNAL_SDS
 from workflow.tables import TableError, read_fits_table, read_predictions_table
 
 STYLE = """
@@ -174,7 +174,7 @@ def flagged_section(fits: pd.DataFrame | None) -> str:
     if fits is None:
         return ""
     laws = fits.drop_duplicates(["dataset", "form", "law", "eval"])
-    laws = laws[laws["status"] != "ok"]
+    laws = laws[laws["status"] != OK]
     tasks = laws[laws["law"] == ACCURACY]
     shown = laws[laws["law"] != ACCURACY]
     if laws.empty:
@@ -214,9 +214,8 @@ def _tasks(fits: pd.DataFrame | None, predictions: pd.DataFrame | None) -> str:
         "<h3>Tasks: accuracy by predictability</h3>"
         "<p>A task is predictable when its accuracy at the fit point with the most compute is "
         f"above chance by more than {SIGNAL_SDS:g} sds of its binomial noise (see the README). "
-        "Median "
-        "|predicted - actual| over the measured targets, in accuracy points, and the share of "
-        "them inside their 95% interval.</p>"
+        "Median |predicted - actual| over the measured targets, in accuracy points, and the "
+        "share of them inside their 95% interval.</p>"
         + summary.rename(columns={"median_points": "median |error| (points)"}).to_html(
             index=False, border=0
         )
